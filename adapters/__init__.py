@@ -1,0 +1,1 @@
+"""Built-in model adapters, registered through the ``hicache`` entry-point group like any plugin."""

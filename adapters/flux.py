@@ -1,0 +1,190 @@
+"""Flux adapter: the paper-faithful units of ``FluxTransformer2DModel``.
+
+Double-stream blocks: image and text attention (one joint attention call, two streams), image
+MLP and text MLP, all cached *before* their gates. Single-stream blocks: the fused output
+projection (attention and MLP together), before its gate. On every step, forecast or not, the
+block computes its adaLN modulation from the current timestep and applies the current gates; on a
+forecast step the attention and MLP modules do not run. The image MLPs expose a token path
+(recompute on chosen tokens) for token-level policies such as ClusCa.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.models.transformers.transformer_flux import (
+    FluxSingleTransformerBlock,
+    FluxTransformer2DModel,
+    FluxTransformerBlock,
+)
+
+from hicache_sdk import hookimpl
+from hicache_sdk.adapter import Adapter, BlockBinding
+from hicache_sdk.errors import AdapterMismatchError
+from hicache_sdk.policy import TokenPath
+from hicache_sdk.runtime import Runtime
+
+__all__ = ["FluxAdapter"]
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j]]`` for ``x (B, L, D)`` and ``index (B, K)``."""
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _token_path(module: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, kind: Any) -> TokenPath:
+    return TokenPath(compute=lambda index: module(gather_tokens(inputs, index)), kind=kind)
+
+
+def _attention_pair(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(outputs) != 2:
+        raise AdapterMismatchError(
+            "the flux adapter caches image and text attention; this attention returned "
+            f"{len(outputs)} outputs (IP-Adapter inputs are not supported while caching)"
+        )
+    return outputs[0], outputs[1]
+
+
+def _double_block_forward(runtime: Runtime, key: str, index: int, count: int) -> Callable[..., Any]:
+    def forward(
+        block: FluxTransformerBlock,
+        original: Callable[..., Any],
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
+        norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(
+            encoder_hidden_states, emb=temb
+        )
+        attention_kwargs = joint_attention_kwargs or {}
+        attn_image, attn_text = runtime.unit(
+            f"{key}.attn",
+            lambda: _attention_pair(
+                block.attn(
+                    hidden_states=norm_hidden,
+                    encoder_hidden_states=norm_context,
+                    image_rotary_emb=image_rotary_emb,
+                    **attention_kwargs,
+                )
+            ),
+            streams=("img", "txt"),
+        )
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_image
+        norm_hidden = block.norm2(hidden_states)
+        norm_hidden = norm_hidden * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        (ff_image,) = runtime.unit(
+            f"{key}.ff",
+            lambda: block.ff(norm_hidden),
+            token_paths=(_token_path(block.ff, norm_hidden, "image"),),
+        )
+        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_image
+
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * attn_text
+        norm_context = block.norm2_context(encoder_hidden_states)
+        norm_context = norm_context * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        (ff_text,) = runtime.unit(
+            f"{key}.ff_context",
+            lambda: block.ff_context(norm_context),
+            token_paths=(_token_path(block.ff_context, norm_context, "text"),),
+        )
+        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * ff_text
+        if encoder_hidden_states.dtype == torch.float16:
+            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+        runtime.observe(index, count, hidden_states)
+        return encoder_hidden_states, hidden_states
+
+    return forward
+
+
+def _single_block_forward(runtime: Runtime, key: str) -> Callable[..., Any]:
+    def forward(
+        block: FluxSingleTransformerBlock,
+        original: Callable[..., Any],
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text_length = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        residual = hidden_states
+        norm_hidden, gate = block.norm(hidden_states, emb=temb)
+        attention_kwargs = joint_attention_kwargs or {}
+
+        def compute() -> torch.Tensor:
+            mlp = block.act_mlp(block.proj_mlp(norm_hidden))
+            attn = block.attn(
+                hidden_states=norm_hidden, image_rotary_emb=image_rotary_emb, **attention_kwargs
+            )
+            return block.proj_out(torch.cat([attn, mlp], dim=2))
+
+        (fused,) = runtime.unit(f"{key}.proj_out", compute)
+        hidden_states = residual + gate.unsqueeze(1) * fused
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_length], hidden_states[:, text_length:]
+
+    return forward
+
+
+def _is_stock(block: torch.nn.Module, cls: type) -> bool:
+    """An instance of ``cls`` whose forward is diffusers' own (what this adapter re-expresses)."""
+    return isinstance(block, cls) and getattr(type(block), "forward", None) is getattr(cls, "forward", None)
+
+
+class FluxAdapter(Adapter):
+    """Units of ``FluxTransformer2DModel``: 4 streams per double-stream block, 1 per single-stream block."""
+
+    name = "flux"
+    priority = 100
+    provides_token_paths = True
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        if not self.fits(model):
+            raise AdapterMismatchError(
+                f"the flux adapter needs a FluxTransformer2DModel with diffusers' stock Flux blocks, "
+                f"got {type(model).__name__}"
+            )
+        super().__init__(model)
+
+    @classmethod
+    def fits(cls, model: torch.nn.Module) -> bool:
+        if not isinstance(model, FluxTransformer2DModel):
+            return False
+        double = getattr(model, "transformer_blocks", [])
+        single = getattr(model, "single_transformer_blocks", [])
+        return all(_is_stock(b, FluxTransformerBlock) for b in double) and all(
+            _is_stock(b, FluxSingleTransformerBlock) for b in single
+        )
+
+    def bindings(self, runtime: Runtime) -> list[BlockBinding]:
+        model: Any = self.model
+        double, single = list(model.transformer_blocks), list(model.single_transformer_blocks)
+        bindings = [
+            BlockBinding(
+                f"transformer_blocks.{i}",
+                block,
+                _double_block_forward(runtime, f"transformer_blocks.{i}", i, len(double)),
+            )
+            for i, block in enumerate(double)
+        ]
+        bindings += [
+            BlockBinding(
+                f"single_transformer_blocks.{i}",
+                block,
+                _single_block_forward(runtime, f"single_transformer_blocks.{i}"),
+            )
+            for i, block in enumerate(single)
+        ]
+        return bindings
+
+
+@hookimpl
+def hicache_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(FluxAdapter)

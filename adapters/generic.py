@@ -1,0 +1,138 @@
+"""Generic adapter: the residual (output - input) of every transformer block is one unit.
+
+Coarser than a family-specific adapter (a whole block is skipped on forecast steps, gates
+included) but it fits any diffusers transformer that keeps its blocks in lists such as
+``transformer_blocks``, ``single_transformer_blocks`` or ``blocks``. How a block's outputs map to
+its inputs is data (:data:`OUTPUT_LAYOUTS`); unknown blocks that return one tensor are taken to
+return ``hidden_states``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hicache_sdk import hookimpl
+from hicache_sdk.adapter import Adapter, BlockBinding
+from hicache_sdk.errors import AdapterMismatchError
+from hicache_sdk.runtime import Runtime
+
+__all__ = ["BLOCK_LISTS", "OUTPUT_LAYOUTS", "GenericAdapter"]
+
+#: Attributes holding block lists, in the order a model runs them.
+BLOCK_LISTS: tuple[str, ...] = (
+    "transformer_blocks",
+    "single_transformer_blocks",
+    "blocks",
+    "temporal_transformer_blocks",
+)
+
+#: Input argument each output of a block class is the updated version of (``None`` entries allowed).
+OUTPUT_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "FluxTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "FluxSingleTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "JointTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "QwenImageTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "HunyuanVideoTransformerBlock": ("hidden_states", "encoder_hidden_states"),
+    "HunyuanVideoSingleTransformerBlock": ("hidden_states", "encoder_hidden_states"),
+    "CogVideoXBlock": ("hidden_states", "encoder_hidden_states"),
+}
+
+
+def _block_lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
+    found = []
+    for attr in BLOCK_LISTS:
+        blocks = getattr(model, attr, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
+            found.append((attr, blocks))
+    return found
+
+
+def _layout(block: torch.nn.Module, output: Any) -> tuple[str, ...]:
+    if isinstance(output, torch.Tensor):
+        return ("hidden_states",)
+    layout = OUTPUT_LAYOUTS.get(type(block).__name__)
+    if layout is None or len(layout) != len(output):
+        raise AdapterMismatchError(
+            f"the generic adapter does not know how the {len(output)} outputs of {type(block).__name__} "
+            "map to its inputs; add an entry to hicache_sdk.adapters.generic.OUTPUT_LAYOUTS or use an "
+            "adapter written for this model"
+        )
+    return layout
+
+
+def _block_forward(runtime: Runtime, key: str, layouts: dict[str, tuple[str, ...]]) -> Callable[..., Any]:
+    signature: list[inspect.Signature] = []
+
+    def forward(block: torch.nn.Module, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not signature:
+            signature.append(inspect.signature(original))
+        inputs = signature[0].bind_partial(*args, **kwargs).arguments
+        computed: list[Any] = []
+
+        def compute() -> tuple[torch.Tensor, ...]:
+            output = original(*args, **kwargs)
+            computed.append(output)
+            layout = layouts.setdefault(key, _layout(block, output))
+            outputs = (output,) if isinstance(output, torch.Tensor) else tuple(output)
+            residuals = []
+            for name, value in zip(layout, outputs, strict=True):
+                if value is None:
+                    continue
+                source = inputs.get(name)
+                if not isinstance(source, torch.Tensor) or source.shape != value.shape:
+                    raise AdapterMismatchError(
+                        f"{type(block).__name__} output {name!r} of shape {tuple(value.shape)} has no input "
+                        "of the same shape to form a residual with"
+                    )
+                residuals.append(value - source)
+            return tuple(residuals)
+
+        residuals = runtime.unit(key, compute, streams=None)
+        if computed:  # the block ran: return its exact output
+            return computed[0]
+        layout = layouts[key]
+        rebuilt = iter(residuals)
+        outputs = [None if inputs.get(name) is None else inputs[name] + next(rebuilt) for name in layout]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    return forward
+
+
+class GenericAdapter(Adapter):
+    """Whole-block residual units on any transformer with block lists (the fallback adapter)."""
+
+    name = "generic"
+    priority = -100
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        if not self.fits(model):
+            raise AdapterMismatchError(
+                f"{type(model).__name__} has no non-empty block list ({', '.join(BLOCK_LISTS)}); "
+                "no adapter can find its cacheable units"
+            )
+        super().__init__(model)
+        self._layouts: dict[str, tuple[str, ...]] = {}
+
+    @classmethod
+    def fits(cls, model: torch.nn.Module) -> bool:
+        return bool(_block_lists(model))
+
+    def bindings(self, runtime: Runtime) -> list[BlockBinding]:
+        return [
+            BlockBinding(f"{attr}.{i}", block, _block_forward(runtime, f"{attr}.{i}", self._layouts))
+            for attr, blocks in _block_lists(self.model)
+            for i, block in enumerate(blocks)
+        ]
+
+    @property
+    def note(self) -> str:
+        return f"generic adapter: whole-block residual units of {type(self.model).__name__}"
+
+
+@hookimpl
+def hicache_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(GenericAdapter)

@@ -1,0 +1,229 @@
+"""``compose()``: one policy with one basis, applied to a diffusers pipeline or transformer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from .adapter import Adapter
+from .basis import Basis
+from .errors import AdapterMismatchError, AlreadyAttachedError, InvalidParameterError, did_you_mean
+from .hooks import attach_block_forward, attach_step_hook, detach_all, refresh_registry_caches
+from .policy import Policy
+from .registry import get_registry
+from .runtime import Runtime
+from .summary import RunSummary, summarize
+
+__all__ = ["Accelerator", "CacheHandle", "compose"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_HANDLE_ATTR = "_hicache_handle"
+
+
+def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """A storage dtype from a ``torch.dtype``, a name such as ``"bf16"``, or ``None``."""
+    if value is None or isinstance(value, torch.dtype):
+        if value is not None and not value.is_floating_point:
+            raise InvalidParameterError(f"cache_dtype must be a floating dtype, got {value}")
+        return value
+    if value in _DTYPES:
+        return _DTYPES[value]
+    raise InvalidParameterError(
+        f"cache_dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {value!r}.{did_you_mean(value, _DTYPES)}"
+    )
+
+
+def find_transformer(target: Any) -> torch.nn.Module:
+    """The denoiser of a pipeline (its ``transformer``) or ``target`` itself if it is a module."""
+    inner = getattr(target, "transformer", None)
+    if isinstance(inner, torch.nn.Module):
+        return inner
+    if isinstance(target, torch.nn.Module):
+        return target
+    raise AdapterMismatchError(
+        f"expected a diffusers pipeline with a `transformer` or a torch.nn.Module, got {type(target).__name__}"
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Accelerator:
+    """A composed caching scheme, ready to :meth:`apply` to any number of models (one at a time each).
+
+    Made by :func:`compose`; holds validated, immutable settings.
+    """
+
+    policy_cls: type[Policy]
+    config: Any
+    basis: Basis
+    adapter: str | None = None
+    cache_dtype: torch.dtype | None = None
+    check_finite: bool = True
+
+    @property
+    def tag(self) -> str:
+        """E.g. ``taylorseer[hermite(sigma=0.5)](interval=7, warmup=3, schedule='reference', max_order=2)``."""
+        return self.policy_cls(self.config, self.basis).tag
+
+    def apply(self, target: Any) -> CacheHandle:
+        """Attach to a pipeline (its ``transformer``) or a transformer; return the handle.
+
+        Raises:
+            AlreadyAttachedError: the model already has an accelerator (remove it first).
+            AdapterMismatchError: no adapter fits the model, or the named one does not.
+        """
+        model = find_transformer(target)
+        if getattr(model, _HANDLE_ATTR, None) is not None:
+            raise AlreadyAttachedError(
+                f"an accelerator is already attached to this {type(model).__name__}; call .remove() on its "
+                "handle (or leave its `with` block) before applying another"
+            )
+        registry = get_registry()
+        notes: list[str] = []
+        if self.adapter is not None:
+            adapter_cls: type[Adapter] = registry.get("adapter", self.adapter).obj
+            if not adapter_cls.fits(model):
+                raise AdapterMismatchError(f"adapter {self.adapter!r} does not fit {type(model).__name__}")
+        else:
+            adapter_cls = registry.select_adapter(model)
+            if adapter_cls.priority < 0:
+                notes.append(f"adapter {adapter_cls.name!r} chosen automatically: no specific adapter fits")
+        adapter = adapter_cls(model)
+        if adapter.note:
+            notes.append(adapter.note)
+        policy = self.policy_cls(self.config, self.basis)
+        if policy.needs_token_paths and not adapter.provides_token_paths:
+            raise AdapterMismatchError(
+                f"policy {policy.name!r} recomputes units on chosen tokens; adapter {adapter.name!r} offers no "
+                "token-wise units. Use an adapter that does (e.g. 'flux') or a policy without token refresh."
+            )
+        runtime = Runtime(policy, cache_dtype=self.cache_dtype, check_finite=self.check_finite)
+        try:
+            for binding in adapter.bindings(runtime):
+                attach_block_forward(binding.block, binding.forward)
+            attach_step_hook(model, runtime)
+        except Exception:
+            detach_all(model)
+            raise
+        refresh_registry_caches(model)
+        handle = CacheHandle(model=model, runtime=runtime, adapter=adapter, notes=tuple(notes))
+        setattr(model, _HANDLE_ATTR, handle)
+        return handle
+
+
+class CacheHandle:
+    """An accelerator attached to one model. Use as a context manager or call :meth:`remove`."""
+
+    def __init__(self, *, model: torch.nn.Module, runtime: Runtime, adapter: Adapter, notes: tuple[str, ...]):
+        self.model = model
+        self.runtime = runtime
+        self.adapter = adapter
+        self.notes = notes
+        self._attached = True
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def summary(self) -> RunSummary:
+        """Summary of the last (or current) generation."""
+        policy = self.runtime.policy
+        return summarize(
+            list(self.runtime.contexts.values()),
+            policy=policy.tag,
+            basis=policy.basis.tag,
+            adapter=self.adapter.name,
+            notes=self.notes,
+        )
+
+    def reset(self) -> None:
+        """End the current generation: the next forward starts afresh (bare loops may call this)."""
+        self.runtime.end_generation()
+
+    def remove(self) -> None:
+        """Detach: the model's forwards are restored exactly. Idempotent."""
+        if not self._attached:
+            return
+        detach_all(self.model)
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
+        self._attached = False
+
+    def __enter__(self) -> CacheHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def compose(
+    policy: str,
+    basis: str | Basis = "taylor",
+    *,
+    adapter: str | None = None,
+    cache_dtype: torch.dtype | str | None = None,
+    check_finite: bool = True,
+    **params: Any,
+) -> Accelerator:
+    """Compose a registered policy with a registered basis.
+
+    Each keyword in ``params`` goes to whichever of the policy's config or the basis declares it
+    (e.g. ``interval``, ``warmup``, ``max_order`` to the policy, ``sigma`` to ``hermite``).
+
+    Args:
+        policy: registered policy name (``fora``, ``taylorseer``, ``clusca``, ...).
+        basis: registered basis name or a ready :class:`Basis` instance.
+        adapter: adapter name to force; by default chosen from the model.
+        cache_dtype: ladder storage dtype (``"bf16"``, ``torch.float16``, ...); default the model's.
+        check_finite: recompute units whose forecast is not finite (recommended).
+
+    Example:
+        >>> acc = compose("clusca", basis="hermite", interval=7, max_order=2, sigma=0.5)
+    """
+    registry = get_registry()
+    policy_cls: type[Policy] = registry.get("policy", policy).obj
+    policy_fields = {a.name for a in attrs.fields(policy_cls.Config)}
+    if isinstance(basis, Basis):
+        basis_cls: type[Basis] = type(basis)
+        basis_fields: set[str] = set()
+    elif isinstance(basis, str):
+        basis_cls = registry.get("basis", basis).obj
+        basis_fields = set(basis_cls.parameter_names())
+    else:
+        raise InvalidParameterError(f"basis must be a registered name or a Basis instance, got {basis!r}")
+    ambiguous = sorted(policy_fields & basis_fields & params.keys())
+    if ambiguous:
+        raise InvalidParameterError(
+            f"{ambiguous} are parameters of both policy {policy!r} and basis {basis_cls.name!r}; pass the basis "
+            "as an instance, e.g. basis=get_basis(name)(...)"
+        )
+    unknown = sorted(params.keys() - policy_fields - basis_fields)
+    if unknown:
+        accepted = sorted(policy_fields | basis_fields)
+        hint = did_you_mean(unknown[0], accepted)
+        raise InvalidParameterError(
+            f"no one takes {unknown}: policy {policy!r} takes {sorted(policy_fields)}, basis "
+            f"{basis_cls.name!r} takes {sorted(basis_fields) if basis_fields else 'nothing more'}.{hint}"
+        )
+    config = policy_cls.Config(**{k: v for k, v in params.items() if k in policy_fields})
+    basis_obj = (
+        basis
+        if isinstance(basis, Basis)
+        else basis_cls(**{k: v for k, v in params.items() if k in basis_fields})
+    )
+    return Accelerator(
+        policy_cls=policy_cls,
+        config=config,
+        basis=basis_obj,
+        adapter=adapter,
+        cache_dtype=parse_dtype(cache_dtype),
+        check_finite=bool(check_finite),
+    )

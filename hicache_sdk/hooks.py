@@ -1,0 +1,133 @@
+"""Forward wrapping through diffusers' hook registry (removable, signature-preserving).
+
+Using :class:`diffusers.hooks.HookRegistry` gives three things for free: ``remove_hook`` restores
+the original forward, ``functools.update_wrapper`` keeps the real signature, and a stateful hook
+holding a ``StateManager`` receives the pipeline's ``transformer.cache_context(...)`` name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+
+from .runtime import Runtime, bind_arguments
+
+__all__ = [
+    "HOOK_NAME",
+    "BlockForward",
+    "attach_block_forward",
+    "attach_step_hook",
+    "detach_all",
+    "refresh_registry_caches",
+]
+
+HOOK_NAME = "hicache"
+
+#: ``forward(block, original_forward, *args, **kwargs)``: a block's forward written against the runtime.
+BlockForward = Callable[..., Any]
+
+
+class _NoState:
+    def reset(self) -> None:
+        pass
+
+
+class _StepHook(ModelHook):
+    """Wraps the transformer's forward: one call is one denoising step of one context."""
+
+    _is_stateful = True
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        # diffusers sets the pipeline's cache context on every StateManager of a stateful hook
+        self.state_manager = StateManager(cast(Any, _NoState))
+        self._signature_of: Callable[..., Any] | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature_of = module.forward
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        arguments = bind_arguments(self._signature_of or module.forward, args, kwargs)
+        signature = tuple(
+            (name, tuple(value.shape), value.dtype)
+            for name, value in arguments.items()
+            if isinstance(value, torch.Tensor)
+        )
+        self.runtime.begin_step(self._context_name(), _noise_level(arguments.get("timestep")), signature)
+        original = self.fn_ref.original_forward
+        assert original is not None
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self.runtime.end_step()
+
+    def _context_name(self) -> str | None:
+        try:
+            return str(self.state_manager.context.name)
+        except ValueError:  # no cache_context set: a bare loop
+            return None
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.runtime.end_generation()
+        return module
+
+
+class _BlockHook(ModelHook):
+    """Replaces one block's forward by an adapter's runtime-aware forward."""
+
+    def __init__(self, forward: BlockForward) -> None:
+        super().__init__()
+        self._forward = forward
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(module, self.fn_ref.original_forward, *args, **kwargs)
+
+
+def _noise_level(timestep: Any) -> float | None:
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+    if isinstance(timestep, (int, float)):
+        return float(timestep)
+    return None
+
+
+def attach_step_hook(model: torch.nn.Module, runtime: Runtime) -> None:
+    """Track steps and contexts on ``model``'s forward."""
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(_StepHook(runtime), HOOK_NAME)
+
+
+def attach_block_forward(block: torch.nn.Module, forward: BlockForward) -> None:
+    """Route ``block``'s forward through ``forward``."""
+    HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(forward), HOOK_NAME)
+
+
+def refresh_registry_caches(model: torch.nn.Module) -> None:
+    """Make diffusers rebuild its cached lists of child registries after hooks came or went."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            registry.invalidate_child_registries_cache()
+
+
+def detach_all(model: torch.nn.Module) -> None:
+    """Remove every hicache hook under ``model`` and the traces the registry left behind."""
+    for module in list(model.modules()):
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        registry.remove_hook(HOOK_NAME, recurse=False)
+        if not registry.hooks:
+            del module._diffusers_hook
+            # the registry leaves the original bound method as an instance attribute
+            if (
+                "forward" in vars(module)
+                and getattr(module.forward, "__func__", None) is type(module).forward
+            ):
+                del module.forward
+    refresh_registry_caches(model)

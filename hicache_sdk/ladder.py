@@ -1,0 +1,134 @@
+"""The finite-difference ladder: the forecasting state of one cached unit.
+
+At each full step (an *anchor*) at step ``s_j`` with the previous anchor at ``s_{j-1}``::
+
+    new D^0     = F(s_j)
+    new D^{i+1} = (new D^i - old D^i) / (s_j - s_{j-1})
+
+using the real spacing, and only for orders the old ladder already held: the ladder grows by at
+most one order per anchor, up to ``max_order``. A forecast ``k`` steps after the newest anchor is
+``sum_i w_i(k, h) D^i`` with the weights of a :class:`~hicache_sdk.basis.Basis`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .basis import Basis
+from .errors import InvalidParameterError
+from .validation import check_int
+
+__all__ = ["DifferenceLadder", "weighted_sum"]
+
+
+def weighted_sum(weights: Sequence[float], terms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``sum_i weights[i] * terms[i]`` computed in float32 (at least), returned in ``dtype``.
+
+    One multiply-add per order with host-side scalar weights: no temporaries beyond the output,
+    no host-device transfer and no synchronisation.
+    """
+    compute_dtype = torch.promote_types(dtype, torch.float32)
+    out = terms[0].to(compute_dtype, copy=True)
+    if weights[0] != 1.0:
+        out.mul_(weights[0])
+    for i in range(1, len(weights)):
+        if weights[i] != 0.0:
+            out.add_(terms[i], alpha=weights[i])
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+class DifferenceLadder:
+    """Ladder ``D^0 .. D^m`` of one unit, stored in one tensor of shape ``(m + 1, *feature_shape)``.
+
+    Args:
+        max_order: highest order ``m >= 0`` kept.
+        storage_dtype: dtype the ladder is stored in (e.g. ``torch.bfloat16`` to halve memory);
+            ``None`` keeps the feature's dtype. Updates and forecasts compute in float32.
+    """
+
+    def __init__(self, max_order: int, storage_dtype: torch.dtype | None = None) -> None:
+        self.max_order = check_int("max_order", max_order, minimum=0)
+        self.storage_dtype = storage_dtype
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every anchor (the state of a fresh ladder)."""
+        self._terms: torch.Tensor | None = None
+        self._size = 0
+        self._last_step: int | None = None
+        self._spacing: float | None = None
+        self._feature_dtype: torch.dtype | None = None
+
+    @property
+    def order(self) -> int:
+        """Highest order currently held; ``-1`` before the first anchor."""
+        return self._size - 1
+
+    @property
+    def last_step(self) -> int | None:
+        """Step of the newest anchor."""
+        return self._last_step
+
+    @property
+    def spacing(self) -> float | None:
+        """Steps between the two newest anchors (``None`` with fewer than two)."""
+        return self._spacing
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the ladder's storage."""
+        return 0 if self._terms is None else self._terms.numel() * self._terms.element_size()
+
+    def term(self, i: int) -> torch.Tensor:
+        """The stored ``D^i`` (a view: writing into it edits the ladder, e.g. ClusCa's refresh)."""
+        if self._terms is None or not 0 <= i < self._size:
+            raise IndexError(f"ladder holds orders 0..{self.order}, asked for {i}")
+        return self._terms[i]
+
+    def update(self, feature: torch.Tensor, step: int, *, extend: bool = True) -> None:
+        """Record ``feature`` computed at ``step`` as the newest anchor.
+
+        With ``extend=False`` the ladder restarts from this anchor (order 0), as during warm-up.
+        """
+        step = check_int("step", step)
+        if self._last_step is not None and step <= self._last_step:
+            raise InvalidParameterError(f"anchor step must increase: got {step} after {self._last_step}")
+        if self._terms is not None and feature.shape != self._terms.shape[1:]:
+            raise InvalidParameterError(
+                f"feature shape changed from {tuple(self._terms.shape[1:])} to {tuple(feature.shape)} "
+                "without a reset"
+            )
+        if self._terms is None:
+            dtype = self.storage_dtype or feature.dtype
+            self._terms = torch.empty(
+                (self.max_order + 1, *feature.shape), dtype=dtype, device=feature.device
+            )
+        grow = extend and self._size > 0 and self.max_order > 0
+        new_size = min(self._size + 1, self.max_order + 1) if grow else 1
+        if grow:
+            assert self._last_step is not None
+            spacing = float(step - self._last_step)
+            new = feature.float()
+            for i in range(new_size):
+                # the next difference needs the old D^i: take it before D^i is overwritten
+                following = (new - self._terms[i].float()) / spacing if i + 1 < new_size else None
+                self._terms[i].copy_(new)
+                if following is not None:
+                    new = following
+            self._spacing = spacing
+        else:
+            self._terms[0].copy_(feature)
+            self._spacing = None
+        self._size = new_size
+        self._last_step = step
+        self._feature_dtype = feature.dtype
+
+    def forecast(self, step: int, basis: Basis) -> torch.Tensor:
+        """The basis forecast of the feature at ``step`` (after the newest anchor), in the feature's dtype."""
+        if self._terms is None or self._last_step is None or self._feature_dtype is None:
+            raise RuntimeError("cannot forecast from an empty ladder: no anchor was recorded")
+        offset = step - self._last_step
+        weights = basis.weights(offset, self.order, self._spacing or 1.0)
+        return weighted_sum(weights, self._terms, self._feature_dtype)

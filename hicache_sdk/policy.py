@@ -1,0 +1,141 @@
+"""The cache-policy interface: when a step is full, and how a unit is served on the other steps."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import attrs
+import torch
+
+from .basis import MAX_SUPPORTED_ORDER, Basis
+from .errors import InvalidParameterError
+from .schedule import SCHEDULES, Schedule, is_full_step
+from .state import ContextState, UnitState
+from .validation import attrs_validator, check_int
+
+__all__ = ["Policy", "ScheduleConfig", "TokenPath", "interval_field", "order_field", "warmup_field"]
+
+
+def _check_schedule(instance: Any, attribute: Any, value: Any) -> None:
+    if value not in SCHEDULES:
+        raise InvalidParameterError(f"{attribute.name} must be one of {SCHEDULES}, got {value!r}")
+
+
+def interval_field(default: int) -> Any:
+    """An attrs field for ``interval`` (N >= 1); subclasses redeclare it to change the default."""
+    return attrs.field(default=default, validator=attrs_validator(check_int, minimum=1))
+
+
+def warmup_field(default: int) -> Any:
+    """An attrs field for ``warmup`` (W >= 0)."""
+    return attrs.field(default=default, validator=attrs_validator(check_int, minimum=0))
+
+
+def order_field(default: int) -> Any:
+    """An attrs field for ``max_order`` (m in 0..6, the highest finite-difference order kept)."""
+    return attrs.field(
+        default=default, validator=attrs_validator(check_int, minimum=0, maximum=MAX_SUPPORTED_ORDER)
+    )
+
+
+@attrs.frozen(kw_only=True)
+class ScheduleConfig:
+    """Fields shared by interval policies.
+
+    Attributes:
+        interval: N >= 1, period of full steps after warm-up (N = 1 computes every step).
+        warmup: W >= 0, leading steps that are always full.
+        schedule: ``"reference"`` (TaylorSeer/HiCache/ClusCa code) or ``"diffusers"``
+            (``TaylorSeerCacheConfig``); see :mod:`hicache_sdk.schedule`.
+    """
+
+    interval: int = interval_field(6)
+    warmup: int = warmup_field(3)
+    schedule: Schedule = attrs.field(default="reference", validator=_check_schedule)
+
+
+@attrs.frozen
+class TokenPath:
+    """Recomputes a token-wise unit (e.g. an MLP) on a subset of tokens.
+
+    Attributes:
+        compute: ``index (B, K) -> output (B, K, D)``: the unit's real output at those tokens.
+        kind: ``"image"`` or ``"text"`` tokens.
+        stream: the unit stream this path serves.
+    """
+
+    compute: Callable[[torch.Tensor], torch.Tensor]
+    kind: Literal["image", "text"]
+    stream: str = ""
+
+
+class Policy(abc.ABC):
+    """Base class of cache policies.
+
+    A policy has a frozen attrs ``Config`` class (validated on creation) and is built from a config
+    and a basis. The runtime asks it whether each step is full, hands it each unit's outputs on
+    full steps (:meth:`on_full`) and asks it for each unit's outputs on forecast steps
+    (:meth:`forecast`).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    #: whether the policy needs units that can be recomputed on a subset of tokens
+    needs_token_paths: ClassVar[bool] = False
+
+    def __init__(self, config: Any, basis: Basis) -> None:
+        if not isinstance(config, self.Config):
+            raise InvalidParameterError(
+                f"policy {self.name!r} expects a {self.Config.__name__}, got {type(config).__name__}"
+            )
+        if not isinstance(basis, Basis):
+            raise InvalidParameterError(f"basis must be a hicache_sdk.Basis instance, got {basis!r}")
+        self.config: Any = config
+        self.basis = basis
+
+    # -- schedule ----------------------------------------------------------------------------
+    @property
+    def max_order(self) -> int:
+        """Highest ladder order this policy keeps (0 for configs without ``max_order``)."""
+        return int(getattr(self.config, "max_order", 0))
+
+    def is_full_step(self, step: int) -> bool:
+        """Whether ``step`` (0-based, within one generation) computes every unit."""
+        c = self.config
+        return is_full_step(step, interval=c.interval, warmup=c.warmup, schedule=c.schedule)
+
+    # -- per-unit work -----------------------------------------------------------------------
+    def new_policy_state(self) -> Any:
+        """Per-context state of the policy, created at the start of each generation."""
+        return None
+
+    def on_full(self, ctx: ContextState, unit: UnitState, outputs: tuple[torch.Tensor, ...]) -> None:
+        """Record a unit's freshly computed outputs as a new anchor.
+
+        Higher orders start only from step ``W - 1`` on (the reference code's rule), so warm-up
+        anchors one step apart do not feed a spacing-1 slope into the ladder.
+        """
+        extend = ctx.step >= self.config.warmup - 1
+        for ladder, value in zip(unit.ladders, outputs, strict=True):
+            ladder.update(value, ctx.step, extend=extend)
+
+    def forecast(
+        self, ctx: ContextState, unit: UnitState, token_paths: tuple[TokenPath, ...]
+    ) -> tuple[torch.Tensor, ...]:
+        """The unit's outputs at a forecast step (the basis forecast of every stream)."""
+        return tuple(ladder.forecast(ctx.step, self.basis) for ladder in unit.ladders)
+
+    def observe(
+        self, ctx: ContextState, block_index: int, num_blocks: int, image_tokens: torch.Tensor
+    ) -> None:
+        """See a block's image hidden states at a full step (token-level policies cluster them)."""
+        return None
+
+    # -- description -------------------------------------------------------------------------
+    @property
+    def tag(self) -> str:
+        """Readable identity, e.g. ``taylorseer[hermite(sigma=0.5)](interval=7, ...)``."""
+        params = ", ".join(f"{a.name}={getattr(self.config, a.name)!r}" for a in attrs.fields(self.Config))
+        return f"{self.name}[{self.basis.tag}]({params})"

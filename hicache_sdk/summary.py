@@ -1,0 +1,114 @@
+"""What a run did: steps, unit counts, FLOPs saved and cache memory, as a typed object and a table."""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from .state import ContextState
+
+__all__ = ["RunSummary", "UnitSummary", "summarize"]
+
+
+@attrs.frozen
+class UnitSummary:
+    """Counts of one unit over the last generation, summed over contexts."""
+
+    key: str
+    streams: tuple[str, ...]
+    computed: int
+    forecast: int
+    partial: int
+    fallbacks: int
+
+
+@attrs.frozen
+class RunSummary:
+    """Summary of the last generation.
+
+    Attributes:
+        policy, basis, adapter: tags of what ran.
+        contexts: context names seen (``"cond"``, ``"uncond"``, or ``"default"``).
+        steps: denoising steps per context; ``full_steps`` + ``forecast_steps`` == ``steps``.
+        units: per-unit counts.
+        flops_saved_fraction: counted share of the transformer's FLOPs not spent (matmuls and
+            attention, as counted by torch's FlopCounterMode), ``nan`` if not measured.
+        cache_bytes: bytes held by the ladders (and policy state) of all contexts.
+        fallbacks: forecasts that were not finite and were recomputed.
+        notes: remarks (e.g. the generic adapter chosen automatically).
+    """
+
+    policy: str
+    basis: str
+    adapter: str
+    contexts: tuple[str, ...]
+    steps: int
+    full_steps: int
+    forecast_steps: int
+    units: tuple[UnitSummary, ...]
+    flops_saved_fraction: float
+    cache_bytes: int
+    fallbacks: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def flops_speedup(self) -> float:
+        """``1 / (1 - flops_saved_fraction)``: the counted FLOPs speedup."""
+        if math.isnan(self.flops_saved_fraction):
+            return math.nan
+        return 1.0 / max(1e-12, 1.0 - self.flops_saved_fraction)
+
+    def table(self) -> str:
+        """A readable multi-line table."""
+        head = [
+            f"policy   {self.policy}",
+            f"adapter  {self.adapter}",
+            f"contexts {', '.join(self.contexts) or '-'}",
+            f"steps    {self.steps} ({self.full_steps} full, {self.forecast_steps} forecast)",
+            f"FLOPs    {self.flops_saved_fraction:.1%} saved, {self.flops_speedup:.2f}x",
+            f"cache    {self.cache_bytes / 2**20:.2f} MiB",
+            f"fallbacks {self.fallbacks}",
+            *[f"note     {n}" for n in self.notes],
+        ]
+        width = max([len(u.key) for u in self.units] + [4])
+        rows = [f"{'unit':<{width}}  computed  forecast  partial  fallbacks"]
+        rows += [
+            f"{u.key:<{width}}  {u.computed:>8}  {u.forecast:>8}  {u.partial:>7}  {u.fallbacks:>9}"
+            for u in self.units
+        ]
+        return "\n".join([*head, "", *rows])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def summarize(
+    contexts: list[ContextState], *, policy: str, basis: str, adapter: str, notes: tuple[str, ...] = ()
+) -> RunSummary:
+    """Aggregate per-context states into one :class:`RunSummary`."""
+    units: dict[str, list[int]] = {}
+    streams: dict[str, tuple[str, ...]] = {}
+    for ctx in contexts:
+        for key, unit in ctx.units.items():
+            c = unit.counts
+            acc = units.setdefault(key, [0, 0, 0, 0])
+            for i, v in enumerate((c.computed, c.forecast, c.partial, c.fallbacks)):
+                acc[i] += v
+            streams[key] = unit.streams
+    total = sum(c.flops_total for c in contexts)
+    measured = all(c.flops_measured for c in contexts) and total > 0
+    return RunSummary(
+        policy=policy,
+        basis=basis,
+        adapter=adapter,
+        contexts=tuple(c.name for c in contexts),
+        steps=max((c.steps for c in contexts), default=0),
+        full_steps=max((c.full_steps for c in contexts), default=0),
+        forecast_steps=max((c.forecast_steps for c in contexts), default=0),
+        units=tuple(UnitSummary(k, streams[k], *v) for k, v in units.items()),
+        flops_saved_fraction=sum(c.flops_saved for c in contexts) / total if measured else math.nan,
+        cache_bytes=sum(c.nbytes for c in contexts),
+        fallbacks=sum(v[3] for v in units.values()),
+        notes=notes,
+    )
