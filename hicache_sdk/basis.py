@@ -59,12 +59,15 @@ class Basis(abc.ABC):
 
     @classmethod
     def parameter_names(cls) -> tuple[str, ...]:
-        """Names of the keyword parameters this basis takes."""
-        return tuple(a.name for a in attrs.fields(cls)) if attrs.has(cls) else ()
+        """Names of the keyword parameters this basis takes (its attrs fields set by ``__init__``)."""
+        return tuple(a.alias for a in attrs.fields(cls) if a.init) if attrs.has(cls) else ()
 
     def parameters(self) -> dict[str, Any]:
-        """This instance's parameters by name."""
-        return {name: getattr(self, name) for name in self.parameter_names()}
+        """This instance's parameters by name: ``type(self)(**self.parameters())`` rebuilds it."""
+        cls: Any = type(self)
+        if not attrs.has(cls):
+            return {}
+        return {a.alias: getattr(self, a.name) for a in attrs.fields(cls) if a.init}
 
     @property
     def tag(self) -> str:

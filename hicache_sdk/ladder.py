@@ -27,15 +27,21 @@ def weighted_sum(weights: Sequence[float], terms: torch.Tensor, dtype: torch.dty
     """``sum_i weights[i] * terms[i]`` computed in float32 (at least), returned in ``dtype``.
 
     One multiply-add per order with host-side scalar weights: no temporaries beyond the output,
-    no host-device transfer and no synchronisation.
+    no host-device transfer and no synchronisation. A weight beyond the compute dtype's range gives
+    a non-finite result (as the multiplication would), not an error.
     """
     compute_dtype = torch.promote_types(dtype, torch.float32)
+    largest = torch.finfo(compute_dtype).max
     out = terms[0].to(compute_dtype, copy=True)
     if weights[0] != 1.0:
         out.mul_(weights[0])
     for i in range(1, len(weights)):
-        if weights[i] != 0.0:
+        if weights[i] == 0.0:
+            continue
+        if abs(weights[i]) <= largest:
             out.add_(terms[i], alpha=weights[i])
+        else:  # add_ refuses an alpha it cannot represent; the product overflows (inf, or nan on zeros)
+            out.add_(terms[i].to(compute_dtype) * weights[i])
     return out if out.dtype == dtype else out.to(dtype)
 
 
@@ -45,7 +51,8 @@ class DifferenceLadder:
     Args:
         max_order: highest order ``m >= 0`` kept.
         storage_dtype: dtype the ladder is stored in (e.g. ``torch.bfloat16`` to halve memory);
-            ``None`` keeps the feature's dtype. Updates and forecasts compute in float32.
+            ``None`` keeps the feature's dtype. Updates and forecasts compute in float32 (float64
+            for float64 features).
     """
 
     def __init__(self, max_order: int, storage_dtype: torch.dtype | None = None) -> None:
@@ -97,23 +104,22 @@ class DifferenceLadder:
             raise InvalidParameterError(f"anchor step must increase: got {step} after {self._last_step}")
         if self._terms is not None and feature.shape != self._terms.shape[1:]:
             raise InvalidParameterError(
-                f"feature shape changed from {tuple(self._terms.shape[1:])} to {tuple(feature.shape)} "
-                "without a reset"
+                f"feature shape changed from {tuple(self._terms.shape[1:])} to {tuple(feature.shape)} without a reset"
             )
         if self._terms is None:
             dtype = self.storage_dtype or feature.dtype
-            self._terms = torch.empty(
-                (self.max_order + 1, *feature.shape), dtype=dtype, device=feature.device
-            )
+            self._terms = torch.empty((self.max_order + 1, *feature.shape), dtype=dtype, device=feature.device)
         grow = extend and self._size > 0 and self.max_order > 0
         new_size = min(self._size + 1, self.max_order + 1) if grow else 1
         if grow:
             assert self._last_step is not None
             spacing = float(step - self._last_step)
-            new = feature.float()
+            # float32 at least; float64 when the feature or the storage is float64
+            compute_dtype = torch.promote_types(torch.promote_types(feature.dtype, self._terms.dtype), torch.float32)
+            new = feature.to(compute_dtype)
             for i in range(new_size):
                 # the next difference needs the old D^i: take it before D^i is overwritten
-                following = (new - self._terms[i].float()) / spacing if i + 1 < new_size else None
+                following = (new - self._terms[i].to(compute_dtype)) / spacing if i + 1 < new_size else None
                 self._terms[i].copy_(new)
                 if following is not None:
                     new = following

@@ -104,9 +104,7 @@ class PluginRegistry:
                 )
             self._loaded = True
 
-    def register_plugin(
-        self, plugin: object, name: str | None = None, distribution: str = "<runtime>"
-    ) -> str:
+    def register_plugin(self, plugin: object, name: str | None = None, distribution: str = "<runtime>") -> str:
         """Register a plugin object (module or instance with hook implementations); return its name."""
         with self._lock:
             self.load_entry_points()
@@ -123,7 +121,13 @@ class PluginRegistry:
             self._entries = None
 
     def _add(self, plugin: object, plugin_name: str, distribution: str) -> None:
-        self.manager.register(plugin, name=plugin_name)
+        try:
+            self.manager.register(plugin, name=plugin_name)
+        except Exception:
+            # pluggy < 1.7 leaves a plugin whose hook fails validation half-registered
+            if self.manager.get_plugin(plugin_name) is plugin:
+                self.manager.unregister(name=plugin_name)
+            raise
         try:
             self.manager.check_pending()
             self._distributions[plugin_name] = distribution
@@ -142,7 +146,7 @@ class PluginRegistry:
         entries: dict[str, dict[str, Registration[Any]]] = {kind: {} for kind in _KINDS}
         for kind, (hook_name, base) in _KINDS.items():
             caller = getattr(self.manager.hook, hook_name)
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            for impl in caller.get_hookimpls():  # registration order (pluggy calls them in reverse)
                 register = self._make_register(kind, base, impl.plugin_name, entries[kind])
                 impl.function(**{arg: register for arg in impl.argnames})
         self._entries = entries

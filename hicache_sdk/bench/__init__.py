@@ -1,0 +1,1 @@
+"""Benchmarks: the bench of methods on the embedded model, and micro-benchmarks."""
