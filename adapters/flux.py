@@ -119,9 +119,7 @@ def _single_block_forward(runtime: Runtime, key: str) -> Callable[..., Any]:
 
         def compute() -> torch.Tensor:
             mlp = block.act_mlp(block.proj_mlp(norm_hidden))
-            attn = block.attn(
-                hidden_states=norm_hidden, image_rotary_emb=image_rotary_emb, **attention_kwargs
-            )
+            attn = block.attn(hidden_states=norm_hidden, image_rotary_emb=image_rotary_emb, **attention_kwargs)
             return block.proj_out(torch.cat([attn, mlp], dim=2))
 
         (fused,) = runtime.unit(f"{key}.proj_out", compute)

@@ -54,7 +54,9 @@ def _block_lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]
 def _layout(block: torch.nn.Module, output: Any) -> tuple[str, ...]:
     if isinstance(output, torch.Tensor):
         return ("hidden_states",)
-    layout = OUTPUT_LAYOUTS.get(type(block).__name__)
+    # a subclass of a known block (a user's tweak) keeps its parent's layout
+    known = (OUTPUT_LAYOUTS[c.__name__] for c in type(block).__mro__ if c.__name__ in OUTPUT_LAYOUTS)
+    layout = next(known, None)
     if layout is None or len(layout) != len(output):
         raise AdapterMismatchError(
             f"the generic adapter does not know how the {len(output)} outputs of {type(block).__name__} "
@@ -64,7 +66,12 @@ def _layout(block: torch.nn.Module, output: Any) -> tuple[str, ...]:
     return layout
 
 
-def _block_forward(runtime: Runtime, key: str, layouts: dict[str, tuple[str, ...]]) -> Callable[..., Any]:
+def _block_forward(runtime: Runtime, key: str, layouts: dict[str, tuple[str | None, ...]]) -> Callable[..., Any]:
+    """The runtime-aware forward of one block; ``layouts[key]`` records which input each output updates.
+
+    A ``None`` entry in the recorded layout is an output the block returns as ``None`` (e.g. the
+    text stream of SD3's last block, ``context_pre_only``); a forecast returns ``None`` there too.
+    """
     signature: list[inspect.Signature] = []
 
     def forward(block: torch.nn.Module, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -76,8 +83,9 @@ def _block_forward(runtime: Runtime, key: str, layouts: dict[str, tuple[str, ...
         def compute() -> tuple[torch.Tensor, ...]:
             output = original(*args, **kwargs)
             computed.append(output)
-            layout = layouts.setdefault(key, _layout(block, output))
             outputs = (output,) if isinstance(output, torch.Tensor) else tuple(output)
+            layout = _layout(block, output)
+            layouts[key] = tuple(None if value is None else name for name, value in zip(layout, outputs, strict=True))
             residuals = []
             for name, value in zip(layout, outputs, strict=True):
                 if value is None:
@@ -94,9 +102,8 @@ def _block_forward(runtime: Runtime, key: str, layouts: dict[str, tuple[str, ...
         residuals = runtime.unit(key, compute, streams=None)
         if computed:  # the block ran: return its exact output
             return computed[0]
-        layout = layouts[key]
         rebuilt = iter(residuals)
-        outputs = [None if inputs.get(name) is None else inputs[name] + next(rebuilt) for name in layout]
+        outputs = [None if name is None else inputs[name] + next(rebuilt) for name in layouts[key]]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     return forward
@@ -115,7 +122,7 @@ class GenericAdapter(Adapter):
                 "no adapter can find its cacheable units"
             )
         super().__init__(model)
-        self._layouts: dict[str, tuple[str, ...]] = {}
+        self._layouts: dict[str, tuple[str | None, ...]] = {}
 
     @classmethod
     def fits(cls, model: torch.nn.Module) -> bool:

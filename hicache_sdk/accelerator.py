@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import attrs
@@ -13,7 +14,7 @@ from .errors import AdapterMismatchError, AlreadyAttachedError, InvalidParameter
 from .hooks import attach_block_forward, attach_step_hook, detach_all, refresh_registry_caches
 from .policy import Policy
 from .registry import get_registry
-from .runtime import Runtime
+from .runtime import FlopTable, Runtime
 from .summary import RunSummary, summarize
 
 __all__ = ["Accelerator", "CacheHandle", "compose"]
@@ -27,6 +28,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 _HANDLE_ATTR = "_hicache_handle"
+# FLOPs measured per model and adapter, kept across attachments (they do not depend on the policy)
+_FLOP_TABLES: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, FlopTable]] = weakref.WeakKeyDictionary()
 
 
 def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
@@ -91,6 +94,7 @@ class Accelerator:
         if self.adapter is not None:
             adapter_cls: type[Adapter] = registry.get("adapter", self.adapter).obj
             if not adapter_cls.fits(model):
+                adapter_cls(model)  # an adapter that checks its model raises its own, more specific error
                 raise AdapterMismatchError(f"adapter {self.adapter!r} does not fit {type(model).__name__}")
         else:
             adapter_cls = registry.select_adapter(model)
@@ -105,7 +109,8 @@ class Accelerator:
                 f"policy {policy.name!r} recomputes units on chosen tokens; adapter {adapter.name!r} offers no "
                 "token-wise units. Use an adapter that does (e.g. 'flux') or a policy without token refresh."
             )
-        runtime = Runtime(policy, cache_dtype=self.cache_dtype, check_finite=self.check_finite)
+        flops = _FLOP_TABLES.setdefault(model, {}).setdefault(adapter.name, FlopTable())
+        runtime = Runtime(policy, cache_dtype=self.cache_dtype, check_finite=self.check_finite, flops=flops)
         try:
             for binding in adapter.bindings(runtime):
                 attach_block_forward(binding.block, binding.forward)
@@ -181,7 +186,7 @@ def compose(
     Args:
         policy: registered policy name (``fora``, ``taylorseer``, ``clusca``, ...).
         basis: registered basis name or a ready :class:`Basis` instance.
-        adapter: adapter name to force; by default chosen from the model.
+        adapter: registered adapter name to force; by default chosen from the model.
         cache_dtype: ladder storage dtype (``"bf16"``, ``torch.float16``, ...); default the model's.
         check_finite: recompute units whose forecast is not finite (recommended).
 
@@ -190,6 +195,8 @@ def compose(
     """
     registry = get_registry()
     policy_cls: type[Policy] = registry.get("policy", policy).obj
+    if adapter is not None:
+        registry.get("adapter", adapter)  # an unknown name fails here, with a did-you-mean
     policy_fields = {a.name for a in attrs.fields(policy_cls.Config)}
     if isinstance(basis, Basis):
         basis_cls: type[Basis] = type(basis)
@@ -215,9 +222,7 @@ def compose(
         )
     config = policy_cls.Config(**{k: v for k, v in params.items() if k in policy_fields})
     basis_obj = (
-        basis
-        if isinstance(basis, Basis)
-        else basis_cls(**{k: v for k, v in params.items() if k in basis_fields})
+        basis if isinstance(basis, Basis) else basis_cls(**{k: v for k, v in params.items() if k in basis_fields})
     )
     return Accelerator(
         policy_cls=policy_cls,

@@ -28,9 +28,7 @@ def kmeans_l1(
     if init is None or init.shape[:2] != (batch, k):
         picks = torch.stack(
             [
-                torch.randperm(length, generator=generator, device=generator.device if generator else "cpu")[
-                    :k
-                ]
+                torch.randperm(length, generator=generator, device=generator.device if generator else "cpu")[:k]
                 for _ in range(batch)
             ]
         ).to(x.device)

@@ -52,7 +52,23 @@ class _StepHook(ModelHook):
         self._signature_of = module.forward
         return module
 
+    # Under torch.compile this frame runs eagerly and the model's own forward is compiled: the
+    # step bookkeeping (context, noise level, schedule) never enters a graph or its guards.
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self._begin(module, args, kwargs)
+        original = self.fn_ref.original_forward
+        assert original is not None
+        try:
+            output = original(*args, **kwargs)
+        except BaseException:
+            self.runtime.end_step(completed=False)
+            raise
+        self.runtime.end_step()
+        return output
+
+    @torch.compiler.disable
+    def _begin(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         arguments = bind_arguments(self._signature_of or module.forward, args, kwargs)
         signature = tuple(
             (name, tuple(value.shape), value.dtype)
@@ -60,12 +76,6 @@ class _StepHook(ModelHook):
             if isinstance(value, torch.Tensor)
         )
         self.runtime.begin_step(self._context_name(), _noise_level(arguments.get("timestep")), signature)
-        original = self.fn_ref.original_forward
-        assert original is not None
-        try:
-            return original(*args, **kwargs)
-        finally:
-            self.runtime.end_step()
 
     def _context_name(self) -> str | None:
         try:
@@ -125,9 +135,6 @@ def detach_all(model: torch.nn.Module) -> None:
         if not registry.hooks:
             del module._diffusers_hook
             # the registry leaves the original bound method as an instance attribute
-            if (
-                "forward" in vars(module)
-                and getattr(module.forward, "__func__", None) is type(module).forward
-            ):
+            if "forward" in vars(module) and getattr(module.forward, "__func__", None) is type(module).forward:
                 del module.forward
     refresh_registry_caches(model)

@@ -10,7 +10,7 @@ import attrs
 import torch
 
 from .basis import MAX_SUPPORTED_ORDER, Basis
-from .errors import InvalidParameterError
+from .errors import InvalidParameterError, did_you_mean
 from .schedule import SCHEDULES, Schedule, is_full_step
 from .state import ContextState, UnitState
 from .validation import attrs_validator, check_int
@@ -20,7 +20,8 @@ __all__ = ["Policy", "ScheduleConfig", "TokenPath", "interval_field", "order_fie
 
 def _check_schedule(instance: Any, attribute: Any, value: Any) -> None:
     if value not in SCHEDULES:
-        raise InvalidParameterError(f"{attribute.name} must be one of {SCHEDULES}, got {value!r}")
+        hint = did_you_mean(value, SCHEDULES) if isinstance(value, str) else ""
+        raise InvalidParameterError(f"{attribute.name} must be one of {SCHEDULES}, got {value!r}.{hint}")
 
 
 def interval_field(default: int) -> Any:
@@ -35,9 +36,7 @@ def warmup_field(default: int) -> Any:
 
 def order_field(default: int) -> Any:
     """An attrs field for ``max_order`` (m in 0..6, the highest finite-difference order kept)."""
-    return attrs.field(
-        default=default, validator=attrs_validator(check_int, minimum=0, maximum=MAX_SUPPORTED_ORDER)
-    )
+    return attrs.field(default=default, validator=attrs_validator(check_int, minimum=0, maximum=MAX_SUPPORTED_ORDER))
 
 
 @attrs.frozen(kw_only=True)
@@ -127,9 +126,7 @@ class Policy(abc.ABC):
         """The unit's outputs at a forecast step (the basis forecast of every stream)."""
         return tuple(ladder.forecast(ctx.step, self.basis) for ladder in unit.ladders)
 
-    def observe(
-        self, ctx: ContextState, block_index: int, num_blocks: int, image_tokens: torch.Tensor
-    ) -> None:
+    def observe(self, ctx: ContextState, block_index: int, num_blocks: int, image_tokens: torch.Tensor) -> None:
         """See a block's image hidden states at a full step (token-level policies cluster them)."""
         return None
 
@@ -137,5 +134,7 @@ class Policy(abc.ABC):
     @property
     def tag(self) -> str:
         """Readable identity, e.g. ``taylorseer[hermite(sigma=0.5)](interval=7, ...)``."""
-        params = ", ".join(f"{a.name}={getattr(self.config, a.name)!r}" for a in attrs.fields(self.Config))
+        names = [a.name for a in attrs.fields(self.Config)]
+        first = [n for n in ("interval", "warmup", "schedule", "max_order") if n in names]  # subclasses reorder
+        params = ", ".join(f"{n}={getattr(self.config, n)!r}" for n in first + [n for n in names if n not in first])
         return f"{self.name}[{self.basis.tag}]({params})"

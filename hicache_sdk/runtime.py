@@ -11,16 +11,20 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import torch
 
 from .flops import flop_counter_mode
 from .policy import Policy, TokenPath
 from .state import ContextState, UnitState
 
-__all__ = ["DEFAULT_CONTEXT", "Runtime", "UnitOutputs"]
+__all__ = ["DEFAULT_CONTEXT", "FlopTable", "Runtime", "UnitObserver", "UnitOutputs"]
 
 DEFAULT_CONTEXT = "default"
 UnitOutputs = tuple[torch.Tensor, ...]
+#: ``observer(context, step, unit_key, how, outputs)`` with ``how`` one of ``"computed"``,
+#: ``"forecast"``, ``"fallback"``; called after a unit is served (for diagnostics and plots).
+UnitObserver = Callable[[str, int, str, str, UnitOutputs], None]
 
 
 def _as_tuple(value: torch.Tensor | Sequence[torch.Tensor]) -> UnitOutputs:
@@ -31,6 +35,14 @@ def _all_finite(tensors: UnitOutputs) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+@attrs.define
+class FlopTable:
+    """FLOPs of whole forwards and of each unit, per input signature (shapes and dtypes)."""
+
+    model: dict[tuple[Any, ...], float] = attrs.field(factory=dict)
+    units: dict[tuple[Any, ...], dict[str, float]] = attrs.field(factory=dict)
+
+
 class Runtime:
     """Serves cacheable units for one attached model according to one policy.
 
@@ -39,9 +51,18 @@ class Runtime:
         cache_dtype: storage dtype of the ladders (``None``: the features' dtype).
         check_finite: recompute a unit whose forecast is not finite (costs one reduction and,
             on a GPU, one synchronisation per forecast unit).
+        flops: measured FLOPs to reuse (FLOPs depend on the model, adapter and input shapes, not
+            on the policy); measured on the first full step of each new input signature.
     """
 
-    def __init__(self, policy: Policy, *, cache_dtype: torch.dtype | None = None, check_finite: bool = True):
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        cache_dtype: torch.dtype | None = None,
+        check_finite: bool = True,
+        flops: FlopTable | None = None,
+    ) -> None:
         self.policy = policy
         self.cache_dtype = cache_dtype
         self.check_finite = check_finite
@@ -50,9 +71,11 @@ class Runtime:
         self.generations = 0
         self._ended = False
         self._signature: tuple[Any, ...] | None = None
-        self._model_flops: dict[tuple[Any, ...], float] = {}
-        self._unit_flops: dict[tuple[Any, ...], dict[str, float]] = {}
+        self.flops = flops if flops is not None else FlopTable()
         self._counter: Any = None
+        self._excluded = 0.0  # FLOPs of the policy's own work in the step being measured (not model work)
+        self._flops_before: float | None = None  # FLOP count when the unit now computing started
+        self.observers: list[UnitObserver] = []
 
     # -- steps -------------------------------------------------------------------------------
     def end_generation(self) -> None:
@@ -65,6 +88,7 @@ class Runtime:
         self._ended = True
         self.current = None
 
+    @torch.compiler.disable
     def begin_step(self, context: str | None, timestep: float | None, signature: tuple[Any, ...]) -> None:
         """Called before a transformer forward in ``context`` at ``timestep`` (noise level)."""
         if self._ended:
@@ -86,20 +110,27 @@ class Runtime:
             ctx.forecast_steps += 1
         self.current = ctx
         self._signature = signature
-        if signature not in self._model_flops and ctx.full:
+        self._excluded = 0.0
+        if signature not in self.flops.model and ctx.full:
             self._counter = flop_counter_mode()
             self._counter.__enter__()
 
-    def end_step(self) -> None:
-        """Called after the transformer forward (also when it raised)."""
+    @torch.compiler.disable
+    def end_step(self, completed: bool = True) -> None:
+        """Called after the transformer forward; ``completed=False`` when it raised.
+
+        A forward that raised is not a measurement: its partial FLOP count is not recorded (the
+        table outlives this runtime), so the next full step measures again.
+        """
         ctx, sig = self.current, self._signature
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             assert sig is not None
-            self._model_flops[sig] = float(self._counter.get_total_flops())
+            if completed:
+                self.flops.model[sig] = float(self._counter.get_total_flops()) - self._excluded
             self._counter = None
         if ctx is not None and sig is not None:
-            total = self._model_flops.get(sig)
+            total = self.flops.model.get(sig)
             if total is None:
                 ctx.flops_measured = False
             else:
@@ -128,43 +159,78 @@ class Runtime:
         run, unless the forecast is not finite (then it runs, counted as a fallback).
         Outside a transformer forward ``compute()`` simply runs. ``streams`` names the outputs;
         ``None`` takes as many unnamed streams as the first computation returns.
+
+        Under ``torch.compile`` only ``compute()`` is traced: serving and recording are kept out
+        of the graph, so step counters and forecast weights never cause a recompilation.
         """
+        served = self._serve(key, compute, streams, token_paths)
+        if served is not None:
+            return served
+        outputs = _as_tuple(compute())
+        self._record(key, outputs)
+        return outputs
+
+    @torch.compiler.disable
+    def _serve(
+        self,
+        key: str,
+        compute: Callable[[], torch.Tensor | Sequence[torch.Tensor]],
+        streams: Sequence[str] | None,
+        token_paths: Sequence[TokenPath],
+    ) -> UnitOutputs | None:
+        """The unit's outputs if it is not computed at this step (forecast or fallback), else ``None``."""
         ctx = self.current
         if ctx is None:
-            return _as_tuple(compute())
+            return None
         state = ctx.units.get(key)
         if state is None:
             state = ctx.units[key] = UnitState(key, streams, self.policy.max_order, self.cache_dtype)
         if ctx.full or state.empty:
-            return self._compute(ctx, state, compute)
+            self._flops_before = self._counter.get_total_flops() if self._counter is not None else None
+            return None
         recomputed = [0]
         paths = tuple(self._counted(p, recomputed) for p in token_paths)
         outputs = self.policy.forecast(ctx, state, paths)
         if self.check_finite and not _all_finite(outputs):
             state.counts.fallbacks += 1
-            return self._compute(ctx, state, compute, fallback=True)
+            for ladder in state.ladders:  # restart from the fresh output: a non-finite ladder would fail again
+                ladder.reset()
+            return self._notify(ctx, key, "fallback", self._record_outputs(ctx, state, _as_tuple(compute()), True))
         state.counts.forecast += 1
-        flops = self._unit_flops.get(self._signature or (), {}).get(key)
+        self._notify(ctx, key, "forecast", outputs)
+        flops = self.flops.units.get(self._signature or (), {}).get(key)
         if flops is None:
             ctx.flops_measured = False
         else:
             ctx.flops_saved += flops * (1.0 - self._token_fraction(state, token_paths, recomputed[0]))
         return outputs
 
-    def _compute(
-        self, ctx: ContextState, state: UnitState, compute: Callable[[], Any], fallback: bool = False
+    @torch.compiler.disable
+    def _record(self, key: str, outputs: UnitOutputs) -> None:
+        """Record outputs computed after :meth:`_serve` returned ``None`` (no-op outside a forward)."""
+        ctx = self.current
+        if ctx is None:
+            return
+        state = ctx.units[key]
+        before, self._flops_before = self._flops_before, None
+        if before is not None and self._counter is not None and self._signature is not None:
+            flops = float(self._counter.get_total_flops() - before)
+            self.flops.units.setdefault(self._signature, {})[key] = flops
+        self._notify(ctx, key, "computed", self._record_outputs(ctx, state, outputs, False))
+
+    def _notify(self, ctx: ContextState, key: str, how: str, outputs: UnitOutputs) -> UnitOutputs:
+        for observer in self.observers:
+            observer(ctx.name, ctx.step, key, how, outputs)
+        return outputs
+
+    def _record_outputs(
+        self, ctx: ContextState, state: UnitState, outputs: UnitOutputs, fallback: bool
     ) -> UnitOutputs:
-        before = self._counter.get_total_flops() if self._counter is not None else None
-        outputs = _as_tuple(compute())
+        """Hand freshly computed outputs to the policy as the unit's newest anchor."""
         if not state.streams:
             state.set_streams([str(i) for i in range(len(outputs))])
         if len(outputs) != len(state.streams):
-            raise RuntimeError(
-                f"unit {state.key!r} produced {len(outputs)} outputs for streams {state.streams}"
-            )
-        if before is not None and self._signature is not None:
-            flops = float(self._counter.get_total_flops() - before)
-            self._unit_flops.setdefault(self._signature, {})[state.key] = flops
+            raise RuntimeError(f"unit {state.key!r} produced {len(outputs)} outputs for streams {state.streams}")
         self.policy.on_full(ctx, state, outputs)
         if not fallback:
             state.counts.computed += 1
@@ -193,16 +259,25 @@ class Runtime:
         )
         return min(1.0, recomputed / total) if total else 0.0
 
+    @torch.compiler.disable
     def observe(self, block_index: int, num_blocks: int, image_tokens: torch.Tensor) -> None:
-        """Show the policy a block's image hidden states, on full steps only."""
+        """Show the policy a block's image hidden states, on full steps only.
+
+        The FLOPs the policy spends here (e.g. clustering, whose iterations vary) are counted at
+        every call, kept out of the model's FLOPs and charged against the savings.
+        """
         ctx = self.current
-        if ctx is not None and ctx.full:
+        if ctx is None or not ctx.full or type(self.policy).observe is Policy.observe:
+            return
+        with flop_counter_mode() as counter:
             self.policy.observe(ctx, block_index, num_blocks, image_tokens)
+        cost = float(counter.get_total_flops())
+        ctx.flops_overhead += cost
+        if self._counter is not None:
+            self._excluded += cost
 
 
-def bind_arguments(
-    forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> dict[str, Any]:
+def bind_arguments(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The forward's arguments by parameter name (positional ones included)."""
     try:
         return dict(inspect.signature(forward).bind_partial(*args, **kwargs).arguments)

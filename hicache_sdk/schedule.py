@@ -2,12 +2,14 @@
 
 Two conventions, with warm-up ``W`` and interval ``N``, for step ``s = 0, 1, ...``:
 
-- ``"reference"`` (TaylorSeer, HiCache, ClusCa code): full if ``s < W`` or ``N - 1`` forecast steps
-  have passed since the last full step, i.e. ``(s - (W - 1)) % N == 0``. Step 0 is always full
-  (``W`` is taken as at least 1). Over ``T`` steps: ``W + (T - W) // N`` full steps.
-- ``"diffusers"`` (``TaylorSeerCacheConfig``): full if ``s < W`` or ``(s - W - 1) % N == 0``; the
-  first forecast comes right after warm-up. Over 50 steps at its defaults (N=5, W=3): 13 full.
-  Step 0 is full here too.
+- ``"reference"`` (TaylorSeer, HiCache, ClusCa code): with ``W' = max(W, 1)`` (step 0 is always
+  full), full if ``s < W'`` or ``N - 1`` forecast steps have passed since the last full step, i.e.
+  ``(s - (W' - 1)) % N == 0``. Over ``T >= W'`` steps: ``W' + (T - W') // N`` full steps (N=7, W=3,
+  T=50: 9, the 5.56x of HiCache's tables).
+- ``"diffusers"`` (``TaylorSeerCacheConfig(cache_interval=N, disable_cache_before_step=W)``): full if
+  ``s < W'`` or ``(s - W - 1) % N == 0``; the first forecast comes right after warm-up. Over
+  ``T >= W + 2`` steps with ``N >= 2``: ``W' + (T - W - 2) // N + 1`` full steps (its defaults N=5,
+  W=3, T=50: 13). Step 0 is full here too (diffusers itself predicts from nothing at ``W = 0``).
 """
 
 from __future__ import annotations

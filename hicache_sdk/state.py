@@ -75,6 +75,7 @@ class ContextState:
         self.forecast_steps = 0
         self.flops_total = 0.0
         self.flops_saved = 0.0
+        self.flops_overhead = 0.0  # the policy's own work (e.g. clustering), counted against the savings
         self.flops_measured = True
 
     @property

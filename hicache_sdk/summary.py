@@ -33,7 +33,8 @@ class RunSummary:
         steps: denoising steps per context; ``full_steps`` + ``forecast_steps`` == ``steps``.
         units: per-unit counts.
         flops_saved_fraction: counted share of the transformer's FLOPs not spent (matmuls and
-            attention, as counted by torch's FlopCounterMode), ``nan`` if not measured.
+            attention, as counted by torch's FlopCounterMode), net of the policy's own work (e.g.
+            ClusCa's clustering); ``nan`` if not measured.
         cache_bytes: bytes held by the ladders (and policy state) of all contexts.
         fallbacks: forecasts that were not finite and were recomputed.
         notes: remarks (e.g. the generic adapter chosen automatically).
@@ -74,8 +75,7 @@ class RunSummary:
         width = max([len(u.key) for u in self.units] + [4])
         rows = [f"{'unit':<{width}}  computed  forecast  partial  fallbacks"]
         rows += [
-            f"{u.key:<{width}}  {u.computed:>8}  {u.forecast:>8}  {u.partial:>7}  {u.fallbacks:>9}"
-            for u in self.units
+            f"{u.key:<{width}}  {u.computed:>8}  {u.forecast:>8}  {u.partial:>7}  {u.fallbacks:>9}" for u in self.units
         ]
         return "\n".join([*head, "", *rows])
 
@@ -107,7 +107,7 @@ def summarize(
         full_steps=max((c.full_steps for c in contexts), default=0),
         forecast_steps=max((c.forecast_steps for c in contexts), default=0),
         units=tuple(UnitSummary(k, streams[k], *v) for k, v in units.items()),
-        flops_saved_fraction=sum(c.flops_saved for c in contexts) / total if measured else math.nan,
+        flops_saved_fraction=sum(c.flops_saved - c.flops_overhead for c in contexts) / total if measured else math.nan,
         cache_bytes=sum(c.nbytes for c in contexts),
         fallbacks=sum(v[3] for v in units.values()),
         notes=notes,

@@ -15,6 +15,7 @@ import attrs
 import torch
 
 from hicache_sdk.clustering import kmeans_l1, one_token_per_cluster
+from hicache_sdk.errors import InvalidParameterError
 from hicache_sdk.ladder import DifferenceLadder
 from hicache_sdk.policy import Policy, ScheduleConfig, TokenPath, interval_field, order_field
 from hicache_sdk.state import ContextState, UnitState
@@ -75,10 +76,14 @@ class ClusCa(Policy):
     def new_policy_state(self) -> ClusterState:
         return ClusterState(self.config.seed)
 
-    def observe(
-        self, ctx: ContextState, block_index: int, num_blocks: int, image_tokens: torch.Tensor
-    ) -> None:
-        if block_index != self.config.cluster_block % num_blocks:
+    def observe(self, ctx: ContextState, block_index: int, num_blocks: int, image_tokens: torch.Tensor) -> None:
+        chosen = self.config.cluster_block
+        if not -num_blocks <= chosen < num_blocks:
+            raise InvalidParameterError(
+                f"cluster_block must be in [{-num_blocks}, {num_blocks - 1}] for this model "
+                f"({num_blocks} clustering blocks), got {chosen}"
+            )
+        if block_index != chosen % num_blocks:
             return
         state: ClusterState = ctx.policy_state
         state.labels, state.centroids = kmeans_l1(
@@ -113,9 +118,7 @@ class ClusCa(Policy):
             index = one_token_per_cluster(state.labels, k, rng)
         else:
             k = min(self.config.num_clusters, length)
-            index = torch.stack(
-                [torch.randperm(length, generator=rng, device=d0.device)[:k] for _ in range(batch)]
-            )
+            index = torch.stack([torch.randperm(length, generator=rng, device=d0.device)[:k] for _ in range(batch)])
         fresh = path.compute(index).to(d0.dtype)  # (B, K, D)
         if path.kind == "image" and self.config.gamma > 0 and state.labels is not None:
             per_token = torch.gather(fresh, 1, state.labels[..., None].expand(-1, -1, width))
