@@ -1,0 +1,323 @@
+"""The ``hicache`` command line: ``bench``, ``compare``, ``run``, ``plugins`` and ``trajectory``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import HicacheError, InvalidParameterError
+
+__all__ = ["build_parser", "main"]
+
+
+def _common(parser: argparse.ArgumentParser, *, out: str, steps: int = 50) -> None:
+    parser.add_argument("--steps", type=int, default=steps, help="denoising steps (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="first sample seed (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default %(default)s)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="model dtype (default %(default)s)",
+    )
+    parser.add_argument("--out", type=Path, default=Path(out), help="output folder (default %(default)s)")
+    parser.add_argument(
+        "--model", type=Path, help="digits-DiT weights file (default: the shipped one; see hicache_sdk.models.train)"
+    )
+
+
+def _setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--interval", type=int, help="N: full step every N steps")
+    parser.add_argument("--warmup", type=int, help="W: leading full steps")
+    parser.add_argument("--max-order", type=int, help="m: highest finite-difference order")
+    parser.add_argument("--sigma", type=float, help="sigma of the hermite/scaled_taylor bases")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (one sub-command per job)."""
+    parser = argparse.ArgumentParser(prog="hicache", description="Feature caching for diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    bench = sub.add_parser("bench", help="speed and fidelity of every method on the embedded model (the main job)")
+    _common(bench, out="hicache-report")
+    bench.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
+        help="'full' or policy[+basis][:key=value,...] (default: full, fora, taylorseer, taylorseer+hermite, "
+        "clusca, clusca+hermite, taylorseer+newton)",
+    )
+    _setting_flags(bench)
+    bench.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (default %(default)s)")
+    bench.add_argument("--seeds-per-digit", type=int, default=3, help="samples per digit (default %(default)s)")
+    bench.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to draw (default 0-9)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    compare = sub.add_parser(
+        "compare", help="this SDK beside diffusers' caches and cache-dit: fidelity, speed, memory, overhead, compile"
+    )
+    _common(compare, out="hicache-compare")
+    compare.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (default %(default)s)")
+    compare.add_argument("--seeds-per-digit", type=int, default=3, help="samples per digit (default %(default)s)")
+    compare.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to draw (default 0-9)")
+    compare.add_argument(
+        "--targets", nargs="+", default=None, metavar="NAME", help="speedup targets (default: 2x 3.5x 5.5x)"
+    )
+    compare.add_argument(
+        "--methods", nargs="+", default=None, metavar="METHOD", help="this SDK's methods (default: all five)"
+    )
+    compare.add_argument(
+        "--cache-dit-thresholds",
+        type=float,
+        nargs="+",
+        default=[0.08],
+        help="cache-dit residual diff thresholds, one row each (default %(default)s)",
+    )
+    compare.add_argument("--no-overhead", action="store_true", help="skip the SDK overhead measurements")
+    compare.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
+    compare.add_argument(
+        "--compile-steps", type=int, default=20, help="steps of the compile runs (default %(default)s)"
+    )
+    compare.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default %(default)s)")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    run = sub.add_parser("run", help="generate digits with one method, save PNGs, print its summary")
+    _common(run, out="hicache-run")
+    run.add_argument("--policy", default="taylorseer", help="registered policy (default %(default)s)")
+    run.add_argument("--basis", default="taylor", help="registered basis (default %(default)s)")
+    run.add_argument("--digit", type=int, nargs="+", default=[3], help="digit(s) to draw (default 3)")
+    run.add_argument("--samples", type=int, default=1, help="samples per digit (default %(default)s)")
+    _setting_flags(run)
+    run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any other parameter")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("plugins", help="registered bases, policies and adapters with their distributions")
+
+    traj = sub.add_parser("trajectory", help="PC1 of one unit's feature across steps: truth vs taylor vs hermite")
+    _common(traj, out="hicache-trajectory")
+    traj.add_argument("--unit", default="transformer_blocks.1.attn", help="unit key (default %(default)s)")
+    traj.add_argument("--digit", type=int, default=3, help="digit (default %(default)s)")
+    traj.add_argument("--policy", default="taylorseer", help="policy of the forecasts (default %(default)s)")
+    _setting_flags(traj)
+    return parser
+
+
+def _settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    values = dict(defaults)
+    for name in ("interval", "warmup", "max_order", "sigma"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    return values
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    import torch
+
+    from .models import load_digits_model
+
+    return load_digits_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="run", file=sys.stderr)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.methods import DEFAULT_METHODS, PAPER_SETTING, parse_methods
+    from .bench.report import check_writable, markdown_table, write_report
+    from .bench.runner import BenchSettings, run_bench
+
+    specs = parse_methods(args.methods or DEFAULT_METHODS)
+    settings = BenchSettings(
+        methods=tuple(specs),
+        shared=_settings(args, dict(PAPER_SETTING)),
+        steps=args.steps,
+        digits=tuple(args.digits),
+        seeds_per_digit=args.seeds_per_digit,
+        seed=args.seed,
+        repeats=args.repeats,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    check_writable(args.out)
+    runs = settings.repeats * (len(specs) + (0 if any(s.is_full for s in specs) else 1))
+    with _progress_bar(runs, not args.no_progress) as bar:
+        started = [0]
+
+        def step(label: str) -> None:
+            if started[0]:
+                bar.update()
+            started[0] += 1
+            bar.set_description(label)
+
+        report = run_bench(settings, model=_load_model(args), progress=step)
+        bar.update()
+    files = write_report(report, args.out)
+    print(f"{report.machine}; {settings.steps} steps; shared setting {dict(settings.shared)}")
+    print(markdown_table(report.results))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .bench.compare import calibrate, default_rows, run_compare
+    from .bench.compare_extras import compile_section, overhead_section
+    from .bench.compare_report import compare_markdown, write_compare
+    from .bench.report import check_writable
+    from .bench.rows import SDK_METHODS, TARGETS
+    from .bench.runner import BenchSettings, check_settings
+
+    settings = BenchSettings(
+        methods=(),
+        steps=args.steps,
+        digits=tuple(args.digits),
+        seeds_per_digit=args.seeds_per_digit,
+        seed=args.seed,
+        repeats=args.repeats,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    check_settings(settings)
+    targets = {t.name: t for t in TARGETS}
+    unknown = [t for t in args.targets or () if t not in targets]
+    if unknown:
+        raise InvalidParameterError(f"unknown targets {unknown}: expected some of {list(targets)}")
+    chosen = [targets[t] for t in args.targets] if args.targets else list(TARGETS)
+    too_long = [t.name for t in chosen if t.interval > settings.steps]
+    if too_long:
+        raise InvalidParameterError(f"targets {too_long} need more than the {settings.steps} steps")
+    check_writable(args.out)
+    model = _load_model(args)
+    ratios = calibrate(model, settings)
+    rows = default_rows(
+        model,
+        settings,
+        targets=chosen,
+        methods=args.methods or SDK_METHODS,
+        mag_ratios=ratios,
+        cache_dit_thresholds=args.cache_dit_thresholds,
+    )
+    with _progress_bar(len(rows) * (settings.repeats + 1), not args.no_progress) as bar:
+
+        def step(label: str) -> None:
+            bar.update()
+            bar.set_description(label[:40])
+
+        report = run_compare(settings, rows, model=model, progress=step, mag_ratios=ratios)
+    extras: dict[str, Any] = {}
+    overhead = compiled = None
+    if not args.no_overhead:
+        overhead, extras["overhead"] = overhead_section(model, settings, chosen[-1])
+    if not args.no_compile:
+        compiled, extras["compile"] = compile_section(
+            model, settings, chosen[-1], steps=args.compile_steps, backend=args.compile_backend
+        )
+    command = (
+        f"hicache compare --steps {settings.steps} --digits {' '.join(map(str, settings.digits))} "
+        f"--seeds-per-digit {settings.seeds_per_digit} --repeats {settings.repeats} --seed {settings.seed}"
+    )
+    markdown = compare_markdown(report, command=command, overhead=overhead, compiled=compiled)
+    files = write_compare(report, markdown, args.out, extras)
+    print(markdown)
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .accelerator import compose
+    from .bench.methods import parse_params
+    from .bench.report import check_writable
+    from .models import sample
+
+    params = _settings(args, {})
+    params.update(parse_params(args.param))
+    accelerator = compose(args.policy, basis=args.basis, **params)
+    bad = [d for d in args.digit if not 0 <= d <= 9]
+    if bad:
+        raise InvalidParameterError(f"digits must be in 0..9, got {bad}")
+    check_writable(args.out)
+    model = _load_model(args)
+    digits = [d for d in args.digit for _ in range(args.samples)]
+    seeds = [args.seed + j for _ in args.digit for j in range(args.samples)]
+    with accelerator.apply(model.transformer) as handle:
+        images = sample(
+            model,
+            digits,
+            seeds,
+            steps=args.steps,
+            device=args.device,
+            dtype=model.transformer.dtype,
+            progress=not args.no_progress,
+        )
+        summary = handle.summary()
+    from PIL import Image
+
+    for image, digit, seed in zip(images, digits, seeds, strict=True):
+        pixels = (image[0].float().cpu().numpy() * 255).round().astype("uint8")
+        Image.fromarray(pixels, mode="L").resize((128, 128), Image.Resampling.NEAREST).save(
+            args.out / f"digit{digit}_seed{seed}.png"
+        )
+    print(summary)
+    print(f"wrote {len(digits)} PNGs to {args.out}")
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from . import list_plugins
+
+    rows = [(r.kind, r.name, r.plugin, r.distribution) for r in list_plugins()]
+    widths = [max(len(str(row[i])) for row in [("kind", "name", "plugin", "distribution"), *rows]) for i in range(4)]
+    for row in [("kind", "name", "plugin", "distribution"), *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cmd_trajectory(args: argparse.Namespace) -> int:
+
+    from .bench.methods import PAPER_SETTING
+    from .bench.report import check_writable
+    from .bench.trajectory import record_unit, save_trajectory_plot
+
+    check_writable(args.out)
+    model = _load_model(args)
+    setting = _settings(args, dict(PAPER_SETTING))
+    schedule = {k: v for k, v in setting.items() if k != "sigma"}
+    common = {"unit": args.unit, "digit": args.digit, "seed": args.seed, "steps": args.steps}
+    truth, _ = record_unit(model, policy="fora", basis="taylor", params={"interval": 1}, **common)
+    runs = {
+        name: record_unit(model, policy=args.policy, basis=name, params=params, **common)
+        for name, params in (("taylor", schedule), ("hermite", {**schedule, "sigma": setting["sigma"]}))
+    }
+    path = args.out / "trajectory.png"
+    title = f"{args.unit}, digit {args.digit}, {args.policy} N={setting['interval']} m={setting['max_order']}"
+    save_trajectory_plot(truth, runs, title, path)
+    for name, (feats, _) in runs.items():
+        err = float((feats - truth).norm() / truth.norm())
+        print(f"{name}: relative L2 of the unit trajectory against truth {err:.4f}")
+    print(f"wrote {path}")
+    return 0
+
+
+_COMMANDS = {
+    "bench": _cmd_bench,
+    "compare": _cmd_compare,
+    "run": _cmd_run,
+    "plugins": _cmd_plugins,
+    "trajectory": _cmd_trajectory,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hicache`` and ``python -m hicache_sdk``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (HicacheError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"hicache: error: {message}", file=sys.stderr)
+        return 2

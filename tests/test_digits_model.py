@@ -1,0 +1,169 @@
+"""Fast tests of the embedded digits DiT, its sampler and the digit classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from hicache_sdk.models import classifier as clf
+from hicache_sdk.models import digits as dg
+from hicache_sdk.models.data import split_digits
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny batches: one thread is fastest and immune to OpenMP spin-waits on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> dg.DigitsModel:
+    return dg.load_digits_model()
+
+
+@pytest.fixture(scope="module")
+def classifier() -> clf.DigitClassifier:
+    return clf.load_digit_classifier()
+
+
+def test_shipped_weights_load_in_eval_mode(model: dg.DigitsModel) -> None:
+    assert not model.training
+    assert model.config == dg.DigitsConfig()
+    assert all(not p.requires_grad for p in model.parameters())
+    assert dg.default_weights_path(dg.DIT_WEIGHTS).stat().st_size <= 10_000_000
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    built = dg.build_digits_model(seed=3)
+    path = tmp_path / "m.safetensors"
+    dg.save_digits_model(built, path)
+    loaded = dg.load_digits_model(path)
+    for (name, a), (_, b) in zip(built.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_build_is_seeded() -> None:
+    a, b = dg.build_digits_model(seed=1), dg.build_digits_model(seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_missing_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(dg.WeightsError, match="does not exist"):
+        dg.load_digits_model(tmp_path / "nope.safetensors")
+    with pytest.raises(dg.WeightsError, match="does not exist"):
+        clf.load_digit_classifier(tmp_path / "nope.safetensors")
+
+
+def test_corrupt_file_raises(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(dg.WeightsError, match="unreadable"):
+        dg.load_digits_model(bad)
+    with pytest.raises(dg.WeightsError, match="unreadable"):
+        clf.load_digit_classifier(bad)
+
+
+def test_truncated_file_raises(tmp_path: Path) -> None:
+    data = dg.default_weights_path(dg.DIT_WEIGHTS).read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(dg.WeightsError):
+        dg.load_digits_model(cut)
+
+
+def test_missing_and_misshapen_tensors_raise(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in dg.build_digits_model().state_dict().items()}
+    meta = {"format": dg._FORMAT, "config": dg.DigitsConfig().to_json()}
+    dropped = dict(state)
+    dropped.pop("transformer.proj_out.weight")
+    save_file(dropped, str(tmp_path / "missing.safetensors"), metadata=meta)
+    with pytest.raises(dg.WeightsError, match="missing"):
+        dg.load_digits_model(tmp_path / "missing.safetensors")
+    state["transformer.proj_out.bias"] = torch.zeros(5)
+    save_file(state, str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(dg.WeightsError, match="wrong shape"):
+        dg.load_digits_model(tmp_path / "shape.safetensors")
+    with pytest.raises(dg.WeightsError, match=r"not a digit-classifier|missing"):
+        clf.load_digit_classifier(dg.default_weights_path(dg.DIT_WEIGHTS))
+
+
+def test_pack_unpack_round_trip() -> None:
+    images = torch.randn(3, 1, 32, 32)
+    tokens = dg.pack_images(images)
+    assert tokens.shape == (3, 256, 4)
+    assert torch.equal(dg.unpack_tokens(tokens), images)
+
+
+def test_sample_shape_range_and_determinism(model: dg.DigitsModel) -> None:
+    batch = dg.sample(model, [3, 7, 1], [11, 12, 13], steps=4)
+    assert batch.shape == (3, 1, 32, 32) and batch.dtype == torch.float32
+    assert batch.min() >= 0.0 and batch.max() <= 1.0
+    again = dg.sample(model, [3, 7, 1], [11, 12, 13], steps=4)
+    assert torch.equal(batch, again)
+    alone = dg.sample(model, [7], [12], steps=4)
+    torch.testing.assert_close(alone[0], batch[1], atol=1e-5, rtol=0)
+    other = dg.sample(model, [7], [99], steps=4)
+    assert not torch.allclose(other, alone)
+
+
+def test_sample_makes_one_batched_transformer_call_per_step(model: dg.DigitsModel) -> None:
+    batch_sizes: list[int] = []
+    handle = model.transformer.register_forward_pre_hook(
+        lambda _m, _a, kw: batch_sizes.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        dg.sample(model, [0, 5], [1, 2], steps=2)
+    finally:
+        handle.remove()
+    assert batch_sizes == [4, 4]
+
+
+@pytest.mark.parametrize(
+    ("digits", "seeds", "kwargs", "match"),
+    [
+        ([1], [1], {"steps": 0}, "steps"),
+        ([1], [1], {"steps": 2.5}, "steps"),
+        ([10], [1], {}, "0..9"),
+        ([-1], [1], {}, "0..9"),
+        ([1.0], [1], {}, "0..9"),
+        ([True], [1], {}, "0..9"),
+        ([1], [-1], {}, "seeds"),
+        ([1, 2], [1], {}, "same length"),
+        ([], [], {}, "empty"),
+        ([1], [1], {"guidance": float("nan")}, "guidance"),
+        ([1], [1], {"dtype": torch.float64}, "sampling was asked"),
+    ],
+)
+def test_sample_rejects_bad_arguments(
+    model: dg.DigitsModel, digits: list[int], seeds: list[int], kwargs: dict, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        dg.sample(model, digits, seeds, **kwargs)
+
+
+def test_classifier_heldout_accuracy(classifier: clf.DigitClassifier) -> None:
+    pytest.importorskip("sklearn")
+    split = split_digits(seed=0)
+    images = (split.heldout_images + 1.0) / 2.0
+    accuracy = (classifier.classify(images) == split.heldout_labels).float().mean().item()
+    assert accuracy > 0.95
+    features = classifier.features(images[:8])
+    assert features.shape == (8, clf.FEATURE_DIM)
+    with pytest.raises(ValueError, match="shape"):
+        classifier.classify(torch.zeros(2, 3, 32, 32))
+
+
+def test_sample_accepts_numpy_and_tensor_integers(model: dg.DigitsModel) -> None:
+    import numpy as np
+
+    a = dg.sample(model, np.array([4]), torch.tensor([5]), steps=1)
+    b = dg.sample(model, [4], [5], steps=1)
+    assert torch.equal(a, b)
