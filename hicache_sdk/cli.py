@@ -17,6 +17,7 @@ def _common(parser: argparse.ArgumentParser, *, out: str, steps: int = 50) -> No
     parser.add_argument("--steps", type=int, default=steps, help="denoising steps (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="first sample seed (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default %(default)s)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--dtype",
         default="float32",
@@ -315,6 +316,10 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hicache`` and ``python -m hicache_sdk``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return _COMMANDS[args.command](args)
     except (HicacheError, KeyError, ValueError) as exc:
