@@ -42,9 +42,7 @@ class UnknownPluginError(HicacheError, KeyError):
         self.registered = tuple(sorted(registered))
         listing = ", ".join(repr(n) for n in self.registered) or "none"
         plural = _PLURALS.get(kind, kind + "s")
-        self.message = (
-            f"unknown {kind} {name!r}; registered {plural}: {listing}.{did_you_mean(name, self.registered)}"
-        )
+        self.message = f"unknown {kind} {name!r}; registered {plural}: {listing}.{did_you_mean(name, self.registered)}"
         super().__init__(self.message)
 
     def __str__(self) -> str:  # KeyError would print the message quoted
