@@ -81,12 +81,15 @@ def test_missing_and_misshapen_tensors_raise(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in dg.build_digits_model().state_dict().items()}
-    meta = {"format": dg._FORMAT, "config": dg.DigitsConfig().to_json()}
+    meta = {dg._FORMAT: dg.DigitsConfig().to_json()}
     dropped = dict(state)
     dropped.pop("transformer.proj_out.weight")
     save_file(dropped, str(tmp_path / "missing.safetensors"), metadata=meta)
     with pytest.raises(dg.WeightsError, match="missing"):
         dg.load_digits_model(tmp_path / "missing.safetensors")
+    save_file(state, str(tmp_path / "nometa.safetensors"))
+    with pytest.raises(dg.WeightsError, match="not a digits-DiT file"):
+        dg.load_digits_model(tmp_path / "nometa.safetensors")
     state["transformer.proj_out.bias"] = torch.zeros(5)
     save_file(state, str(tmp_path / "shape.safetensors"), metadata=meta)
     with pytest.raises(dg.WeightsError, match="wrong shape"):

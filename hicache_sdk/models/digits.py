@@ -63,6 +63,8 @@ DEFAULT_SHIFT = 1.0
 WEIGHTS_PACKAGE = "hicache_sdk.models"
 DIT_WEIGHTS = "weights/digits_flux.safetensors"
 _FORMAT = "hicache-digits-flux/1"
+# The file's only metadata entry is {_FORMAT: config JSON}: safetensors writes metadata in
+# hash order, so a single entry keeps the bytes of a re-trained file identical.
 
 
 class WeightsError(HicacheError, RuntimeError):
@@ -365,7 +367,7 @@ def save_digits_model(model: DigitsModel, path: str | PathLike[str]) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": _FORMAT, "config": model.config.to_json()})
+    save_file(state, str(path), metadata={_FORMAT: model.config.to_json()})
 
 
 def load_digits_model(
@@ -395,9 +397,9 @@ def _read_config(file: Path) -> DigitsConfig:
             metadata = dict(f.metadata() or {})
     except Exception as exc:
         raise WeightsError(f"weights file {file} is unreadable: {exc}") from exc
-    if metadata.get("format") != _FORMAT or "config" not in metadata:
-        raise WeightsError(f"weights file {file} is not a digits-DiT file (format {metadata.get('format')!r})")
+    if _FORMAT not in metadata:
+        raise WeightsError(f"weights file {file} is not a digits-DiT file (no {_FORMAT!r} metadata entry)")
     try:
-        return DigitsConfig.from_json(metadata["config"])
+        return DigitsConfig.from_json(metadata[_FORMAT])
     except (ValueError, TypeError) as exc:
         raise WeightsError(f"weights file {file} has an invalid config: {exc}") from exc
