@@ -42,7 +42,7 @@ class BenchSettings:
     shared: Mapping[str, Any] = attrs.field(factory=lambda: dict(PAPER_SETTING))
     steps: int = 50
     digits: tuple[int, ...] = tuple(range(10))
-    seeds_per_digit: int = 3
+    seeds_per_digit: int = 2
     seed: int = 0
     repeats: int = 3
     guidance: float | None = None
