@@ -116,13 +116,16 @@ class DifferenceLadder:
             spacing = float(step - self._last_step)
             # float32 at least; float64 when the feature or the storage is float64
             compute_dtype = torch.promote_types(torch.promote_types(feature.dtype, self._terms.dtype), torch.float32)
-            new = feature.to(compute_dtype)
-            for i in range(new_size):
-                # the next difference needs the old D^i: take it before D^i is overwritten
-                following = (new - self._terms[i].to(compute_dtype)) / spacing if i + 1 < new_size else None
-                self._terms[i].copy_(new)
-                if following is not None:
-                    new = following
+            if feature.dtype == self._terms.dtype == compute_dtype and not feature.requires_grad:
+                self._update_in_place(feature, spacing, new_size)
+            else:
+                new = feature.to(compute_dtype)
+                for i in range(new_size):
+                    # the next difference needs the old D^i: take it before D^i is overwritten
+                    following = (new - self._terms[i].to(compute_dtype)) / spacing if i + 1 < new_size else None
+                    self._terms[i].copy_(new)
+                    if following is not None:
+                        new = following
             self._spacing = spacing
         else:
             self._terms[0].copy_(feature)
@@ -130,6 +133,23 @@ class DifferenceLadder:
         self._size = new_size
         self._last_step = step
         self._feature_dtype = feature.dtype
+
+    def _update_in_place(self, feature: torch.Tensor, spacing: float, new_size: int) -> None:
+        """The update without temporaries, when the storage is the compute dtype (and no gradient flows).
+
+        Unrolling the recurrence, ``new D^j = (F - sum_{i<j} spacing^i D^i) / spacing^j`` needs only
+        old terms of lower order, so the orders are written from the top down, each into its own
+        slot: no feature-sized allocation (on CPU those page-fault), the same value up to rounding.
+        """
+        assert self._terms is not None
+        terms = self._terms
+        for j in range(new_size - 1, 0, -1):
+            torch.sub(feature, terms[0], out=terms[j])
+            for i in range(1, j):
+                terms[j].sub_(terms[i], alpha=spacing**i)
+            if spacing != 1.0:
+                terms[j].div_(spacing**j)
+        terms[0].copy_(feature)
 
     def forecast(self, step: int, basis: Basis) -> torch.Tensor:
         """The basis forecast of the feature at ``step`` (after the newest anchor), in the feature's dtype."""
