@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _setting_flags(bench)
     bench.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (default %(default)s)")
-    bench.add_argument("--seeds-per-digit", type=int, default=3, help="samples per digit (default %(default)s)")
+    bench.add_argument("--seeds-per-digit", type=int, default=2, help="samples per digit (default %(default)s)")
     bench.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to draw (default 0-9)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -70,13 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--methods", nargs="+", default=None, metavar="METHOD", help="this SDK's methods (default: all five)"
     )
-    compare.add_argument(
-        "--cache-dit-thresholds",
-        type=float,
-        nargs="+",
-        default=[0.08],
-        help="cache-dit residual diff thresholds, one row each (default %(default)s)",
-    )
+    for flag, library, values in (
+        ("--first-block-thresholds", "diffusers' First Block Cache", "0.05 0.2"),
+        ("--mag-thresholds", "diffusers' MagCache", "0.06 0.15"),
+        ("--cache-dit-thresholds", "cache-dit's DBCache", "0.08 0.25"),
+    ):
+        compare.add_argument(flag, type=float, nargs="+", help=f"{library} thresholds, one row each (default {values})")
     compare.add_argument("--no-overhead", action="store_true", help="skip the SDK overhead measurements")
     compare.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     compare.add_argument(
@@ -201,7 +200,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         targets=chosen,
         methods=args.methods or SDK_METHODS,
         mag_ratios=ratios,
-        cache_dit_thresholds=args.cache_dit_thresholds,
+        **{
+            name: tuple(getattr(args, name))
+            for name in ("first_block_thresholds", "mag_thresholds", "cache_dit_thresholds")
+            if getattr(args, name) is not None
+        },
     )
     with _progress_bar(len(rows) * (settings.repeats + 1), not args.no_progress) as bar:
 
