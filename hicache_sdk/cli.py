@@ -121,6 +121,22 @@ def _load_model(args: argparse.Namespace) -> Any:
     return load_digits_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
 
 
+def _bench_settings(args: argparse.Namespace, **fields: Any) -> Any:
+    """The samples, repeats and placement shared by ``bench`` and ``compare``."""
+    from .bench.runner import BenchSettings
+
+    return BenchSettings(
+        steps=args.steps,
+        digits=tuple(args.digits),
+        seeds_per_digit=args.seeds_per_digit,
+        seed=args.seed,
+        repeats=args.repeats,
+        device=args.device,
+        dtype=args.dtype,
+        **fields,
+    )
+
+
 def _progress_bar(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -130,20 +146,10 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.methods import DEFAULT_METHODS, PAPER_SETTING, parse_methods
     from .bench.report import check_writable, markdown_table, write_report
-    from .bench.runner import BenchSettings, run_bench
+    from .bench.runner import run_bench
 
     specs = parse_methods(args.methods or DEFAULT_METHODS)
-    settings = BenchSettings(
-        methods=tuple(specs),
-        shared=_settings(args, dict(PAPER_SETTING)),
-        steps=args.steps,
-        digits=tuple(args.digits),
-        seeds_per_digit=args.seeds_per_digit,
-        seed=args.seed,
-        repeats=args.repeats,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    settings = _bench_settings(args, methods=tuple(specs), shared=_settings(args, dict(PAPER_SETTING)))
     check_writable(args.out)
     runs = settings.repeats * (len(specs) + (0 if any(s.is_full for s in specs) else 1))
     with _progress_bar(runs, not args.no_progress) as bar:
@@ -170,18 +176,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .bench.compare_report import compare_markdown, write_compare
     from .bench.report import check_writable
     from .bench.rows import SDK_METHODS, TARGETS
-    from .bench.runner import BenchSettings, check_settings
+    from .bench.runner import check_settings
 
-    settings = BenchSettings(
-        methods=(),
-        steps=args.steps,
-        digits=tuple(args.digits),
-        seeds_per_digit=args.seeds_per_digit,
-        seed=args.seed,
-        repeats=args.repeats,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    settings = _bench_settings(args, methods=())
     check_settings(settings)
     targets = {t.name: t for t in TARGETS}
     unknown = [t for t in args.targets or () if t not in targets]
