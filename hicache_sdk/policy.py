@@ -114,8 +114,11 @@ class Policy(abc.ABC):
         """Record a unit's freshly computed outputs as a new anchor.
 
         Higher orders start only from step ``W - 1`` on (the reference code's rule), so warm-up
-        anchors one step apart do not feed a spacing-1 slope into the ladder.
+        anchors one step apart do not feed a spacing-1 slope into the ladder. With ``interval``
+        1 every step is full and no ladder is ever read, so nothing is recorded (no time, no memory).
         """
+        if self.config.interval == 1:
+            return
         extend = ctx.step >= self.config.warmup - 1
         for ladder, value in zip(unit.ladders, outputs, strict=True):
             ladder.update(value, ctx.step, extend=extend)
