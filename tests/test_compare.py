@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import torch
 from hicache_sdk.bench.baselines import cache_dit_row, first_block_cache_row, taylorseer_matched_row
 from hicache_sdk.bench.compare import CompareReport, run_compare
 from hicache_sdk.bench.compare_extras import sampler
+from hicache_sdk.bench.compare_report import overhead_tables
 from hicache_sdk.bench.compiled import measure_compile
 from hicache_sdk.bench.memory import cache_bytes
-from hicache_sdk.bench.overhead import all_full_overhead, step_shares
+from hicache_sdk.bench.overhead import FullRunOverhead, all_full_overhead, step_shares
 from hicache_sdk.bench.rows import Target, full_row, sdk_replica_row, sdk_row
 from hicache_sdk.bench.runner import BenchSettings
 from hicache_sdk.cli import main
@@ -109,6 +111,18 @@ def test_all_full_run_equals_no_sdk(model: DigitsModel) -> None:
     tag, shares = step_shares(model, generate, "taylorseer:interval=2,warmup=2")
     assert tag.startswith("taylorseer") and {s.kind for s in shares} == {"full", "forecast"}
     assert all(0 < s.share < 1 for s in shares)
+
+
+def test_overhead_is_the_median_of_paired_ratios() -> None:
+    # pair 2 ran while the machine was slow for both: paired ratios cancel that, medians of each side would not
+    run = FullRunOverhead(
+        method="m", none_seconds=(1.0, 2.0, 1.0), sdk_seconds=(1.01, 2.04, 1.03), identical=True, clocked_seconds=0.0
+    )
+    assert run.pair_ratios == pytest.approx((1.01, 1.02, 1.03))
+    assert run.overhead == pytest.approx(0.02)
+    assert statistics.median(run.sdk_seconds) / statistics.median(run.none_seconds) - 1 == pytest.approx(0.03)
+    table = overhead_tables([run], [])
+    assert "| `m` | 3 | 1.000 | 1.030 | +2.0% | +1.0% to +3.0% | 0.0% | True |" in table
 
 
 def test_forecast_path_compiles_once(model: DigitsModel) -> None:

@@ -3,8 +3,9 @@
 Two measurements on the embedded model:
 
 - :func:`all_full_overhead`: the same generation with nothing attached and with a policy at N = 1
-  (every step full, so the output must be identical), timed in interleaved repeats; the difference
-  of the medians is everything the SDK adds (hook dispatch, step decisions, recording anchors).
+  (every step full, so the output must be identical), timed in interleaved pairs; the median of the
+  pairs' time ratios is everything the SDK adds (hook dispatch, step decisions, the adapter's block
+  forwards).
 - :func:`step_shares`: one instrumented generation in which the runtime's entry points are timed,
   excluding the model work they call (a unit's ``compute`` and token paths); per step kind, the SDK's
   share of the step's wall time, against the rest (the model's mandatory work: embeddings,
@@ -47,9 +48,14 @@ class FullRunOverhead:
     clocked_seconds: float  # time inside the runtime's entry points in one (instrumented) generation
 
     @property
+    def pair_ratios(self) -> tuple[float, ...]:
+        """``sdk / none`` per interleaved pair: the two runs of a pair share the machine's load."""
+        return tuple(s / n for s, n in zip(self.sdk_seconds, self.none_seconds, strict=True))
+
+    @property
     def overhead(self) -> float:
-        """``median(sdk) / median(none) - 1``."""
-        return statistics.median(self.sdk_seconds) / statistics.median(self.none_seconds) - 1.0
+        """The median over the pairs of ``sdk / none``, minus 1."""
+        return statistics.median(self.pair_ratios) - 1.0
 
 
 @attrs.frozen
