@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("--cache-dit-thresholds", "cache-dit's DBCache", "0.08 0.25"),
     ):
         compare.add_argument(flag, type=float, nargs="+", help=f"{library} thresholds, one row each (default {values})")
+    compare.add_argument(
+        "--baselines",
+        choices=("all", "taylorseer"),
+        default="all",
+        help="other libraries' rows: all, or diffusers' matched TaylorSeer only (default %(default)s)",
+    )
     compare.add_argument("--no-overhead", action="store_true", help="skip the SDK overhead measurements")
     compare.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     compare.add_argument(
@@ -170,6 +176,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_command(args: argparse.Namespace, settings: Any) -> list[str]:
+    """The ``hicache compare`` command line that reproduces this run's rows."""
+    words = ["hicache", "compare", "--steps", str(settings.steps), "--digits", *map(str, settings.digits)]
+    words += ["--seeds-per-digit", str(settings.seeds_per_digit), "--repeats", str(settings.repeats)]
+    words += ["--seed", str(settings.seed)]
+    for flag in ("targets", "methods", "first_block_thresholds", "mag_thresholds", "cache_dit_thresholds"):
+        if getattr(args, flag) is not None:
+            words += ["--" + flag.replace("_", "-"), *map(str, getattr(args, flag))]
+    if args.baselines != "all":
+        words += ["--baselines", args.baselines]
+    words += [flag for flag in ("--no-overhead", "--no-compile") if getattr(args, flag[2:].replace("-", "_"))]
+    return words
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .bench.compare import calibrate, default_rows, run_compare
     from .bench.compare_extras import compile_section, overhead_section
@@ -190,13 +210,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise InvalidParameterError(f"targets {too_long} need more than the {settings.steps} steps")
     check_writable(args.out)
     model = _load_model(args)
-    ratios = calibrate(model, settings)
+    ratios = calibrate(model, settings) if args.baselines == "all" else []
     rows = default_rows(
         model,
         settings,
         targets=chosen,
         methods=args.methods or SDK_METHODS,
         mag_ratios=ratios,
+        baselines=args.baselines,
         **{
             name: tuple(getattr(args, name))
             for name in ("first_block_thresholds", "mag_thresholds", "cache_dit_thresholds")
@@ -218,10 +239,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         compiled, extras["compile"] = compile_section(
             model, settings, chosen[-1], steps=args.compile_steps, backend=args.compile_backend
         )
-    command = (
-        f"hicache compare --steps {settings.steps} --digits {' '.join(map(str, settings.digits))} "
-        f"--seeds-per-digit {settings.seeds_per_digit} --repeats {settings.repeats} --seed {settings.seed}"
-    )
+    command = " ".join(_compare_command(args, settings))
     markdown = compare_markdown(report, command=command, overhead=overhead, compiled=compiled)
     files = write_compare(report, markdown, args.out, extras)
     print(markdown)

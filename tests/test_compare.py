@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hicache_sdk.bench.baselines import cache_dit_row, first_block_cache_row, taylorseer_matched_row
-from hicache_sdk.bench.compare import CompareReport, run_compare
+from hicache_sdk.bench.compare import CompareReport, default_rows, run_compare
 from hicache_sdk.bench.compare_extras import sampler
 from hicache_sdk.bench.compare_report import overhead_tables
 from hicache_sdk.bench.compiled import measure_compile
@@ -21,6 +21,7 @@ from hicache_sdk.bench.overhead import FullRunOverhead, all_full_overhead, step_
 from hicache_sdk.bench.rows import Target, full_row, sdk_replica_row, sdk_row
 from hicache_sdk.bench.runner import BenchSettings
 from hicache_sdk.cli import main
+from hicache_sdk.errors import InvalidParameterError
 from hicache_sdk.models import DigitsModel, load_digits_model
 
 SETTINGS = BenchSettings(methods=(), steps=6, digits=(1, 7), seeds_per_digit=1, repeats=1)
@@ -150,7 +151,29 @@ def test_cli_compare_writes_the_tables(tmp_path: Path, capsys: pytest.CaptureFix
         if r["family"] == "cache-dit" and not r["skipped"]:  # installed: it ran, and its cache was measured
             assert r["cache_bytes"] > 0
     assert "| taylorseer @2x | hicache |" in (tmp_path / "compare.md").read_text()
-    assert "hicache compare --steps 4" in capsys.readouterr().out
+    command = "hicache compare --steps 4 --digits 3 --seeds-per-digit 1 --repeats 1 --seed 0 --targets 2x"
+    assert command + " --methods taylorseer --no-overhead --no-compile" in capsys.readouterr().out
+
+
+def test_cli_compare_against_diffusers_taylorseer_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", "--steps", "4", "--digits", "3", "--seeds-per-digit", "1", "--repeats", "1"]
+    args += ["--targets", "2x", "--methods", "taylorseer", "--baselines", "taylorseer"]
+    args += ["--no-overhead", "--no-compile", "--no-progress", "--out", str(tmp_path)]
+    assert main(args) == 0
+    payload = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["label"] for r in payload["results"]] == [
+        "full",
+        "taylorseer @2x",
+        "taylorseer, diffusers schedule @2x",
+        "diffusers taylorseer, paper units @2x",
+    ]
+    assert payload["mag_ratios"] == []  # no MagCache row, so no calibration run
+    assert "--methods taylorseer --baselines taylorseer --no-overhead" in capsys.readouterr().out
+
+
+def test_unknown_baselines_are_a_clear_error(model: DigitsModel) -> None:
+    with pytest.raises(InvalidParameterError, match=r"baselines must be one of \('all', 'taylorseer'\), got 'none'"):
+        default_rows(model, SETTINGS, baselines="none")
 
 
 def test_cli_compare_rejects_an_unknown_target(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import attrs
 import torch
 
+from ..errors import InvalidParameterError
 from ..flops import flop_counter_mode
 from ..models import DEFAULT_GUIDANCE, DigitsModel, load_digit_classifier, load_digits_model, sample
 from ..models.classifier import DigitClassifier
@@ -83,6 +84,8 @@ class CompareReport:
 FIRST_BLOCK_THRESHOLDS: tuple[float, ...] = (0.05, 0.2)
 MAG_THRESHOLDS: tuple[float, ...] = (0.06, 0.15)
 CACHE_DIT_THRESHOLDS: tuple[float, ...] = (0.08, 0.25)
+#: which other libraries' rows to run: all of them, or diffusers' matched TaylorSeer (and its replica) only
+BASELINES: tuple[str, ...] = ("all", "taylorseer")
 
 
 def default_rows(
@@ -95,16 +98,23 @@ def default_rows(
     first_block_thresholds: Sequence[float] = FIRST_BLOCK_THRESHOLDS,
     mag_thresholds: Sequence[float] = MAG_THRESHOLDS,
     cache_dit_thresholds: Sequence[float] = CACHE_DIT_THRESHOLDS,
+    baselines: str = "all",
 ) -> list[CompareRow]:
     """Full compute, this SDK's methods at every target, and the other libraries' caches.
 
-    MagCache is left out without calibrated ``mag_ratios`` (see :func:`calibrate_mag_ratios`).
+    With ``baselines="taylorseer"`` the other libraries' rows are diffusers' matched TaylorSeer and
+    this SDK's replica of it only. MagCache is left out without calibrated ``mag_ratios`` (see
+    :func:`calibrate_mag_ratios`).
     """
+    if baselines not in BASELINES:
+        raise InvalidParameterError(f"baselines must be one of {BASELINES}, got {baselines!r}")
     max_order = int(PAPER_SETTING["max_order"])
     rows = [full_row()]
     for target in targets:
         rows += [sdk_row(method, target) for method in methods]
         rows += [sdk_replica_row(target), taylorseer_matched_row(target, max_order)]
+    if baselines == "taylorseer":
+        return rows
     rows += [taylorseer_shipped_row(), pyramid_attention_row()]
     rows += [first_block_cache_row(threshold) for threshold in first_block_thresholds]
     if mag_ratios:
