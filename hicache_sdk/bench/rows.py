@@ -16,7 +16,7 @@ import attrs
 from ..accelerator import CacheHandle
 from ..models import DigitsModel
 from ..summary import RunSummary
-from .methods import PAPER_SETTING, parse_method
+from .methods import DEFAULT_METHODS, FULL, PAPER_SETTING, parse_method
 
 __all__ = [
     "SDK_METHODS",
@@ -29,14 +29,9 @@ __all__ = [
     "sdk_row",
 ]
 
-#: This SDK's methods on the compare table (policy[+basis]); m and sigma from the paper setting.
-SDK_METHODS: tuple[str, ...] = (
-    "taylorseer",
-    "taylorseer+hermite",
-    "clusca",
-    "clusca+hermite",
-    "taylorseer+newton",
-)
+#: This SDK's methods on the compare table: the bench's, less full compute and FORA; m and sigma from
+#: the paper setting.
+SDK_METHODS: tuple[str, ...] = tuple(m for m in DEFAULT_METHODS if m not in (FULL, "fora"))
 
 
 @attrs.frozen
