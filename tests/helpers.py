@@ -22,6 +22,8 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+from hicache_sdk.bench.policy_calls import encoderless_flux_pipeline
+
 __all__ = [
     "FLUX_IN_CHANNELS",
     "FLUX_TEXT_DIM",
@@ -91,16 +93,7 @@ def flux_inputs(*, batch: int = 1, side: int = 4, text: int = 6, seed: int = 0) 
 
 def flux_pipeline(transformer: FluxTransformer2DModel | None = None) -> FluxPipeline:
     """A FluxPipeline without text encoders, tokenizers or VAE: call it with embeddings, latent output."""
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer if transformer is not None else tiny_flux(),
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe: FluxPipeline = encoderless_flux_pipeline(transformer if transformer is not None else tiny_flux())
     return pipe
 
 

@@ -61,9 +61,29 @@ class MethodRow:
     relative_l2: float
 
 
+def encoderless_flux_pipeline(transformer: Any) -> Any:
+    """A FluxPipeline around ``transformer`` without text encoders, tokenizers or VAE.
+
+    Call it with prompt embeddings and ``output_type="latent"``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_pipeline(*, hidden_heads: int, head_dim: int, double: int, single: int, text_dim: int, seed: int) -> Any:
     """A FluxPipeline around a random FluxTransformer2DModel, without text encoders or VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     axis = head_dim // 4
@@ -78,17 +98,7 @@ def build_pipeline(*, hidden_heads: int, head_dim: int, double: int, single: int
         pooled_projection_dim=text_dim,
         axes_dims_rope=(head_dim - 2 * ((3 * axis) // 2), (3 * axis) // 2, (3 * axis) // 2),
     ).eval()
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return encoderless_flux_pipeline(transformer)
 
 
 def embeddings(*, text_tokens: int, text_dim: int, seed: int) -> dict[str, torch.Tensor]:
