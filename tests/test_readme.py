@@ -1,12 +1,18 @@
-"""The README keeps exactly two set-up commands, and CI runs the README's test command."""
+"""The README keeps exactly two set-up commands, CI runs the README's test command, and its Python
+example runs as written."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = re.compile(r"^python3 -m venv \.venv .*$", re.MULTILINE)
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
 def _commands() -> list[str]:
@@ -36,3 +42,26 @@ def test_ci_runs_the_readme_test_command() -> None:
     found = [c for c in _commands() if re.search(pattern.group(1), c)]
     assert found == [_commands()[1]]
     assert '"$status" -eq 5' in ci, "pytest's exit code 5 (no tests) must fail CI"
+
+
+def test_readme_python_example_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hicache_sdk.models import load_digit_classifier
+
+    blocks = PYTHON_BLOCK.findall((ROOT / "README.md").read_text())
+    assert len(blocks) == 1, "the README has one Python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "readme_example"}
+    exec(compile(blocks[0], "README.md:python", "exec"), namespace)  # exactly as written, no names given
+    printed = capsys.readouterr().out
+
+    handle, model, images = namespace["handle"], namespace["model"], namespace["images"]
+    summary = handle.summary()
+    assert summary.policy.startswith("clusca[hermite(sigma=0.5)](interval=7")
+    assert (summary.steps, summary.full_steps, summary.forecast_steps) == (50, 9, 41)
+    assert summary.flops_speedup > 4
+    assert "steps    50 (9 full, 41 forecast)" in printed  # the summary was printed inside the block
+    assert not handle.attached and "forward" not in vars(model.transformer)  # the model is restored
+    assert images.shape == (2, 1, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(load_digit_classifier().classify(images), torch.tensor([3, 7]))  # it drew the digits asked
