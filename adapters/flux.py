@@ -161,6 +161,11 @@ class FluxAdapter(Adapter):
             _is_stock(b, FluxSingleTransformerBlock) for b in single
         )
 
+    @property
+    def observed_blocks(self) -> int:
+        """The double-stream blocks (each shows its image hidden states to the policy)."""
+        return len(getattr(self.model, "transformer_blocks", []))
+
     def bindings(self, runtime: Runtime) -> list[BlockBinding]:
         model: Any = self.model
         double, single = list(model.transformer_blocks), list(model.single_transformer_blocks)

@@ -19,9 +19,13 @@ from typing import Any
 from .errors import (
     AdapterMismatchError,
     AlreadyAttachedError,
+    CacheConflictError,
     DuplicatePluginError,
+    ForecastLayoutError,
     HicacheError,
     InvalidParameterError,
+    PluginLoadError,
+    PluginLoadWarning,
     PluginRegistrationError,
     UnknownPluginError,
 )
@@ -35,10 +39,15 @@ __all__ = [
     "AdapterMismatchError",
     "AlreadyAttachedError",
     "Basis",
+    "CacheConflictError",
     "CacheHandle",
     "DuplicatePluginError",
+    "ForecastLayoutError",
     "HicacheError",
     "InvalidParameterError",
+    "PluginLoadError",
+    "PluginLoadWarning",
+    "PluginProblem",
     "PluginRegistrationError",
     "Policy",
     "Registration",
@@ -54,6 +63,7 @@ __all__ = [
     "hookspec",
     "list_adapters",
     "list_bases",
+    "list_plugin_problems",
     "list_plugins",
     "list_policies",
     "register_plugin",
@@ -64,7 +74,7 @@ from .accelerator import Accelerator, CacheHandle, compose
 from .adapter import Adapter
 from .basis import Basis
 from .policy import Policy, TokenPath
-from .registry import Registration, get_registry
+from .registry import PluginProblem, Registration, get_registry
 from .summary import RunSummary
 
 
@@ -102,6 +112,13 @@ def list_plugins() -> list[Registration[Any]]:
     """Every registration (bases, policies, adapters) with its plugin and distribution."""
     registry = get_registry()
     return [reg for kind in ("basis", "policy", "adapter") for reg in registry.entries(kind).values()]
+
+
+def list_plugin_problems() -> list[PluginProblem]:
+    """The third-party plugins (or registrations) left out at loading, each with its distribution and problem."""
+    registry = get_registry()
+    registry.load_entry_points()
+    return list(registry.problems)
 
 
 def register_plugin(plugin: object, name: str | None = None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -10,11 +11,12 @@ import torch
 
 from .adapter import Adapter
 from .basis import Basis
+from .coexistence import check_no_other_cache, enable_cache_guard
 from .errors import AdapterMismatchError, AlreadyAttachedError, InvalidParameterError, did_you_mean
-from .hooks import attach_block_forward, attach_step_hook, detach_all, refresh_registry_caches
+from .hooks import StepsProvider, attach_block_forward, attach_step_hook, detach_all, refresh_registry_caches
 from .policy import Policy
 from .registry import get_registry
-from .runtime import FlopTable, Runtime
+from .runtime import FlopTable, Runtime, UnitObserver
 from .summary import RunSummary, summarize
 
 __all__ = ["Accelerator", "CacheHandle", "compose"]
@@ -79,9 +81,15 @@ class Accelerator:
     def apply(self, target: Any) -> CacheHandle:
         """Attach to a pipeline (its ``transformer``) or a transformer; return the handle.
 
+        Applied to a pipeline, the accelerator also reads the number of steps of each generation
+        from the pipeline's scheduler (for an always-full ``tail``); applied to a bare transformer,
+        a loop that uses ``tail`` announces it with :meth:`CacheHandle.reset`.
+
         Raises:
             AlreadyAttachedError: the model already has an accelerator (remove it first).
+            CacheConflictError: another feature cache (diffusers', cache-dit's) acts on the model.
             AdapterMismatchError: no adapter fits the model, or the named one does not.
+            InvalidParameterError: a policy setting does not fit the model (e.g. a block index).
         """
         model = find_transformer(target)
         if getattr(model, _HANDLE_ATTR, None) is not None:
@@ -89,6 +97,8 @@ class Accelerator:
                 f"an accelerator is already attached to this {type(model).__name__}; call .remove() on its "
                 "handle (or leave its `with` block) before applying another"
             )
+        policy = self.policy_cls(self.config, self.basis)
+        check_no_other_cache(model, policy.tag)
         registry = get_registry()
         notes: list[str] = []
         if self.adapter is not None:
@@ -103,25 +113,48 @@ class Accelerator:
         adapter = adapter_cls(model)
         if adapter.note:
             notes.append(adapter.note)
-        policy = self.policy_cls(self.config, self.basis)
         if policy.needs_token_paths and not adapter.provides_token_paths:
             raise AdapterMismatchError(
                 f"policy {policy.name!r} recomputes units on chosen tokens; adapter {adapter.name!r} offers no "
                 "token-wise units. Use an adapter that does (e.g. 'flux') or a policy without token refresh."
             )
+        policy.check_adapter(adapter)
         flops = _FLOP_TABLES.setdefault(model, {}).setdefault(adapter.name, FlopTable())
         runtime = Runtime(policy, cache_dtype=self.cache_dtype, check_finite=self.check_finite, flops=flops)
+        runtime.generation_checks.append(lambda: check_no_other_cache(model, policy.tag))
         try:
             for binding in adapter.bindings(runtime):
                 attach_block_forward(binding.block, binding.forward)
-            attach_step_hook(model, runtime)
+            attach_step_hook(model, runtime, steps_of=_scheduler_steps(target, model))
         except Exception:
             detach_all(model)
             raise
         refresh_registry_caches(model)
         handle = CacheHandle(model=model, runtime=runtime, adapter=adapter, notes=tuple(notes))
         setattr(model, _HANDLE_ATTR, handle)
+        if hasattr(model, "enable_cache"):
+            vars(model)["enable_cache"] = enable_cache_guard(model, policy.tag)
         return handle
+
+
+def _scheduler_steps(target: Any, model: torch.nn.Module) -> StepsProvider | None:
+    """The number of steps of a generation, read from a pipeline's scheduler (``None`` for a bare model).
+
+    A scheduler's ``timesteps`` holds one entry per transformer call (a second-order sampler lists
+    its repeated levels), from which an img2img pipeline starts at ``begin_index``.
+    """
+    if target is model:
+        return None
+
+    def steps() -> int | None:
+        scheduler = getattr(target, "scheduler", None)  # read at each call: users swap schedulers
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None:
+            return None
+        begin = getattr(scheduler, "begin_index", None) or 0
+        return max(len(timesteps) - int(begin), 0)
+
+    return steps
 
 
 class CacheHandle:
@@ -149,15 +182,38 @@ class CacheHandle:
             notes=self.notes,
         )
 
-    def reset(self) -> None:
-        """End the current generation: the next forward starts afresh (bare loops may call this)."""
-        self.runtime.end_generation()
+    def reset(self, num_steps: int | None = None) -> None:
+        """End the current generation: the next forward starts afresh.
+
+        Pipelines need not call this (they signal the end of each call, and a failed call ends its
+        generation by itself). A bare loop calls it before a generation that the noise-level rule
+        cannot tell apart (e.g. one that starts at a lower noise level than the last one ended),
+        and passes ``num_steps`` (transformer calls per context) when the policy has a ``tail``.
+        """
+        self.runtime.end_generation(num_steps)
+
+    def add_observer(self, observer: UnitObserver) -> Callable[[], None]:
+        """Call ``observer(context, step, unit_key, how, outputs)`` after every unit is served.
+
+        ``how`` is ``"computed"``, ``"forecast"`` or ``"fallback"`` (a non-finite forecast that was
+        recomputed); ``outputs`` are the unit's outputs at that step, one tensor per stream (the
+        runtime's own tensors: clone them to keep them). Meant for diagnostics, plots and tests;
+        an observer must not modify the outputs. Returns a function that removes the observer.
+        """
+        self.runtime.observers.append(observer)
+
+        def remove() -> None:
+            if observer in self.runtime.observers:
+                self.runtime.observers.remove(observer)
+
+        return remove
 
     def remove(self) -> None:
         """Detach: the model's forwards are restored exactly. Idempotent."""
         if not self._attached:
             return
         detach_all(self.model)
+        vars(self.model).pop("enable_cache", None)
         if getattr(self.model, _HANDLE_ATTR, None) is self:
             delattr(self.model, _HANDLE_ATTR)
         self._attached = False
@@ -194,13 +250,29 @@ def compose(
         >>> acc = compose("clusca", basis="hermite", interval=7, max_order=2, sigma=0.5)
     """
     registry = get_registry()
+    if not isinstance(policy, str):
+        raise InvalidParameterError(
+            f"policy must be a registered policy name (a str such as 'taylorseer'), got {policy!r}; "
+            f"registered policies: {sorted(registry.entries('policy'))}"
+        )
     policy_cls: type[Policy] = registry.get("policy", policy).obj
     if adapter is not None:
+        if not isinstance(adapter, str):
+            raise InvalidParameterError(f"adapter must be a registered adapter name (a str) or None, got {adapter!r}")
         registry.get("adapter", adapter)  # an unknown name fails here, with a did-you-mean
+    if not isinstance(check_finite, bool):
+        raise InvalidParameterError(f"check_finite must be True or False, got {check_finite!r}")
     policy_fields = {a.name for a in attrs.fields(policy_cls.Config)}
     if isinstance(basis, Basis):
         basis_cls: type[Basis] = type(basis)
         basis_fields: set[str] = set()
+        given = sorted(set(basis_cls.parameter_names()) & params.keys() - policy_fields)
+        if given:
+            raise InvalidParameterError(
+                f"{given} are parameters of basis {basis_cls.name!r}, which was given as an instance "
+                f"({basis.tag}); set them on the instance (e.g. basis=get_basis({basis_cls.name!r})"
+                f"({given[0]}=...)) or pass basis={basis_cls.name!r} with {given[0]}=..."
+            )
     elif isinstance(basis, str):
         basis_cls = registry.get("basis", basis).obj
         basis_fields = set(basis_cls.parameter_names())
@@ -230,5 +302,5 @@ def compose(
         basis=basis_obj,
         adapter=adapter,
         cache_dtype=parse_dtype(cache_dtype),
-        check_finite=bool(check_finite),
+        check_finite=check_finite,
     )

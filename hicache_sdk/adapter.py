@@ -54,6 +54,15 @@ class Adapter(abc.ABC):
         """The block forwards to install for ``runtime``."""
 
     @property
+    def observed_blocks(self) -> int:
+        """How many blocks show their image hidden states to the policy (:meth:`Runtime.observe`).
+
+        Policies that cluster tokens (ClusCa's ``cluster_block``) index these blocks; 0 when the
+        adapter calls ``observe`` nowhere.
+        """
+        return 0
+
+    @property
     def note(self) -> str:
         """A remark for the run summary (e.g. why a generic adapter was used)."""
         return ""

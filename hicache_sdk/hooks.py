@@ -19,6 +19,7 @@ from .runtime import Runtime, bind_arguments
 __all__ = [
     "HOOK_NAME",
     "BlockForward",
+    "StepsProvider",
     "attach_block_forward",
     "attach_step_hook",
     "detach_all",
@@ -29,6 +30,8 @@ HOOK_NAME = "hicache"
 
 #: ``forward(block, original_forward, *args, **kwargs)``: a block's forward written against the runtime.
 BlockForward = Callable[..., Any]
+#: Returns the number of steps of the generation that is starting, or ``None`` if unknown.
+StepsProvider = Callable[[], "int | None"]
 
 
 class _NoState:
@@ -41,9 +44,10 @@ class _StepHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, steps_of: StepsProvider | None = None) -> None:
         super().__init__()
         self.runtime = runtime
+        self.steps_of = steps_of
         # diffusers sets the pipeline's cache context on every StateManager of a stateful hook
         self.state_manager = StateManager(cast(Any, _NoState))
         self._signature_of: Callable[..., Any] | None = None
@@ -56,13 +60,14 @@ class _StepHook(ModelHook):
     # step bookkeeping (context, noise level, schedule) never enters a graph or its guards.
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        self._begin(module, args, kwargs)
         original = self.fn_ref.original_forward
         assert original is not None
         try:
+            self._begin(module, args, kwargs)
             output = original(*args, **kwargs)
         except BaseException:
-            self.runtime.end_step(completed=False)
+            # an error or an interrupt ends the generation: the next call must start afresh
+            self.runtime.abort()
             raise
         self.runtime.end_step()
         return output
@@ -75,11 +80,20 @@ class _StepHook(ModelHook):
             for name, value in arguments.items()
             if isinstance(value, torch.Tensor)
         )
-        self.runtime.begin_step(self._context_name(), _noise_level(arguments.get("timestep")), signature)
+        context = self._context()
+        total = getattr(context, "num_inference_steps", None)
+        if total is None and self.steps_of is not None:
+            total = self.steps_of()
+        self.runtime.begin_step(
+            None if context is None else str(context.name),
+            _noise_level(arguments.get("timestep")),
+            signature,
+            total_steps=total,
+        )
 
-    def _context_name(self) -> str | None:
+    def _context(self) -> Any:
         try:
-            return str(self.state_manager.context.name)
+            return self.state_manager.context
         except ValueError:  # no cache_context set: a bare loop
             return None
 
@@ -107,9 +121,13 @@ def _noise_level(timestep: Any) -> float | None:
     return None
 
 
-def attach_step_hook(model: torch.nn.Module, runtime: Runtime) -> None:
-    """Track steps and contexts on ``model``'s forward."""
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(_StepHook(runtime), HOOK_NAME)
+def attach_step_hook(model: torch.nn.Module, runtime: Runtime, *, steps_of: StepsProvider | None = None) -> None:
+    """Track steps and contexts on ``model``'s forward.
+
+    ``steps_of`` tells the number of steps of a generation when the pipeline's cache context does not.
+    """
+    hook = _StepHook(runtime, steps_of)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
 
 
 def attach_block_forward(block: torch.nn.Module, forward: BlockForward) -> None:

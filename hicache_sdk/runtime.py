@@ -14,9 +14,11 @@ from typing import Any
 import attrs
 import torch
 
+from .errors import ForecastLayoutError
 from .flops import flop_counter_mode
 from .policy import Policy, TokenPath
 from .state import ContextState, UnitState
+from .validation import check_int
 
 __all__ = ["DEFAULT_CONTEXT", "FlopTable", "Runtime", "UnitObserver", "UnitOutputs"]
 
@@ -76,27 +78,63 @@ class Runtime:
         self.current: ContextState | None = None
         self.generations = 0
         self._ended = False
+        self._announced_steps: int | None = None  # steps of the next generation, from end_generation()
         self._signature: tuple[Any, ...] | None = None
         self.flops = flops if flops is not None else FlopTable()
         self._counter: Any = None
         self._excluded = 0.0  # FLOPs of the policy's own work in the step being measured (not model work)
         self._flops_before: float | None = None  # FLOP count when the unit now computing started
         self.observers: list[UnitObserver] = []
+        #: called at the start of every generation of every context (e.g. to refuse another cache)
+        self.generation_checks: list[Callable[[], None]] = []
 
     # -- steps -------------------------------------------------------------------------------
-    def end_generation(self) -> None:
+    def end_generation(self, num_steps: int | None = None) -> None:
         """Mark the end of a generation: the next forward starts a new one.
 
         The finished generation's counters stay readable (for the summary) until then. Diffusers
-        pipelines signal this at the end of every call; a bare loop relies on the timestep rule
-        (a noise level above the previous one starts a new generation) or calls this itself.
+        pipelines signal this at the end of every call, and a forward that raises ends its
+        generation too; a bare loop relies on the timestep rule (a noise level above the previous
+        one starts a new generation) or calls this itself. ``num_steps``, when given, is the number
+        of steps (transformer calls per context) of the next generation, for policies with an
+        always-full tail when no pipeline scheduler tells it.
         """
+        if num_steps is not None:
+            check_int("num_steps", num_steps, minimum=1)
         self._ended = True
+        self._announced_steps = num_steps
         self.current = None
 
+    def abort(self) -> None:
+        """End the generation whose forward is raising: nothing of it is reused by the next call.
+
+        Called by the step hook when a transformer forward raises (an exception or a
+        ``KeyboardInterrupt``), the first step included. The partial FLOP count is dropped and the
+        next forward starts a fresh generation, so it equals a run on a fresh handle bit for bit.
+        """
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+        self._signature = None
+        self.end_generation()
+
     @torch.compiler.disable
-    def begin_step(self, context: str | None, timestep: float | None, signature: tuple[Any, ...]) -> None:
-        """Called before a transformer forward in ``context`` at ``timestep`` (noise level)."""
+    def begin_step(
+        self,
+        context: str | None,
+        timestep: float | None,
+        signature: tuple[Any, ...],
+        *,
+        total_steps: int | None = None,
+    ) -> None:
+        """Called before a transformer forward in ``context`` at ``timestep`` (noise level).
+
+        A new generation starts for a context never seen in this generation, after
+        :meth:`end_generation`, when the noise level rises above the previous call's (an equal
+        level does not: Heun-style samplers evaluate a level twice), or when the inputs' shapes or
+        dtypes change. ``total_steps`` is the number of steps of the generation when the pipeline
+        tells it (read at the generation's first step).
+        """
         if self._ended:
             self.contexts.clear()
             self._ended = False
@@ -104,12 +142,15 @@ class Runtime:
         ctx = self.contexts.get(name)
         if ctx is None:
             ctx = self.contexts[name] = ContextState(name)
-            self._start_generation(ctx)
-        elif timestep is not None and ctx.last_timestep is not None and timestep > ctx.last_timestep:
-            self._start_generation(ctx)  # the noise level went up: a new denoising run
+            self._start_generation(ctx, total_steps)
+        elif (
+            timestep is not None and ctx.last_timestep is not None and timestep > ctx.last_timestep
+        ) or signature != ctx.signature:
+            self._start_generation(ctx, total_steps)  # a new denoising run
         ctx.step += 1
         ctx.last_timestep = timestep
-        ctx.full = self.policy.is_full_step(ctx.step)
+        ctx.signature = signature
+        ctx.full = self.policy.in_full_tail(ctx.step, ctx.total_steps) or self.policy.is_full_step(ctx.step)
         if ctx.full:
             ctx.full_steps += 1
         else:
@@ -122,18 +163,13 @@ class Runtime:
             self._counter.__enter__()
 
     @torch.compiler.disable
-    def end_step(self, completed: bool = True) -> None:
-        """Called after the transformer forward; ``completed=False`` when it raised.
-
-        A forward that raised is not a measurement: its partial FLOP count is not recorded (the
-        table outlives this runtime), so the next full step measures again.
-        """
+    def end_step(self) -> None:
+        """Called after a transformer forward that returned (one that raised calls :meth:`abort`)."""
         ctx, sig = self.current, self._signature
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             assert sig is not None
-            if completed:
-                self.flops.model[sig] = float(self._counter.get_total_flops()) - self._excluded
+            self.flops.model[sig] = float(self._counter.get_total_flops()) - self._excluded
             self._counter = None
         if ctx is not None and sig is not None:
             total = self.flops.model.get(sig)
@@ -144,8 +180,11 @@ class Runtime:
         self.current = None
         self._signature = None
 
-    def _start_generation(self, ctx: ContextState) -> None:
+    def _start_generation(self, ctx: ContextState, total_steps: int | None) -> None:
+        for check in self.generation_checks:
+            check()
         ctx.reset()
+        ctx.total_steps = total_steps if total_steps is not None else self._announced_steps
         ctx.policy_state = self.policy.new_policy_state()
         self.generations += 1
 
@@ -196,7 +235,7 @@ class Runtime:
             return None
         recomputed = [0]
         paths = tuple(self._counted(p, recomputed) for p in token_paths)
-        outputs = self.policy.forecast(ctx, state, paths)
+        outputs = self._checked_layout(state, self.policy.forecast(ctx, state, paths))
         if self.check_finite and not _all_finite(outputs):
             state.counts.fallbacks += 1
             for ladder in state.ladders:  # restart from the fresh output: a non-finite ladder would fail again
@@ -210,6 +249,23 @@ class Runtime:
         else:
             ctx.flops_saved += flops * (1.0 - self._token_fraction(state, token_paths, recomputed[0]))
         return outputs
+
+    def _checked_layout(self, state: UnitState, outputs: Any) -> UnitOutputs:
+        """``outputs`` as a tuple, if it matches the unit's computed outputs in count, shape, dtype and device.
+
+        Metadata only (no element is read), so it costs no synchronisation: a policy bug raises
+        here instead of being broadcast silently into the model.
+        """
+        served = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+        got = tuple(
+            (tuple(o.shape), o.dtype, o.device) if isinstance(o, torch.Tensor) else type(o).__name__ for o in served
+        )
+        if got != state.layout:
+            raise ForecastLayoutError(
+                f"policy {self.policy.name!r} forecast unit {state.key!r} as {list(got)} (shape, dtype, device), "
+                f"but the unit computes {list(state.layout)}; a forecast must match the computed outputs"
+            )
+        return served
 
     @torch.compiler.disable
     def _record(self, key: str, outputs: UnitOutputs) -> None:
@@ -235,6 +291,7 @@ class Runtime:
             state.set_streams([str(i) for i in range(len(outputs))])
         if len(outputs) != len(state.streams):
             raise RuntimeError(f"unit {state.key!r} produced {len(outputs)} outputs for streams {state.streams}")
+        state.layout = tuple((tuple(o.shape), o.dtype, o.device) for o in outputs)
         self.policy.on_full(ctx, state, outputs)
         if not fallback:
             state.counts.computed += 1

@@ -37,6 +37,8 @@ class UnitState:
         if streams is not None:
             self.set_streams(streams)
         self.counts = UnitCounts()
+        #: (shape, dtype, device) of each output at the newest computation; forecasts must match it
+        self.layout: tuple[Any, ...] = ()
 
     def set_streams(self, streams: Sequence[str]) -> None:
         """Name the unit's output streams (one ladder each)."""
@@ -69,6 +71,8 @@ class ContextState:
         self.step = -1
         self.full = True
         self.last_timestep: float | None = None
+        self.signature: tuple[Any, ...] | None = None  # shapes and dtypes of the forward's tensor inputs
+        self.total_steps: int | None = None  # steps of this generation, when the pipeline tells it
         self.units: dict[str, UnitState] = {}
         self.policy_state: Any = None
         self.full_steps = 0

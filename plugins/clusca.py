@@ -14,6 +14,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from hicache_sdk.adapter import Adapter
 from hicache_sdk.clustering import kmeans_l1, one_token_per_cluster
 from hicache_sdk.errors import InvalidParameterError
 from hicache_sdk.ladder import DifferenceLadder
@@ -76,13 +77,20 @@ class ClusCa(Policy):
     def new_policy_state(self) -> ClusterState:
         return ClusterState(self.config.seed)
 
-    def observe(self, ctx: ContextState, block_index: int, num_blocks: int, image_tokens: torch.Tensor) -> None:
+    def check_adapter(self, adapter: Adapter) -> None:
+        self._check_cluster_block(adapter.observed_blocks, type(adapter.model).__name__)
+
+    def _check_cluster_block(self, num_blocks: int, model: str = "this model") -> None:
         chosen = self.config.cluster_block
         if not -num_blocks <= chosen < num_blocks:
             raise InvalidParameterError(
-                f"cluster_block must be in [{-num_blocks}, {num_blocks - 1}] for this model "
+                f"cluster_block must be in [{-num_blocks}, {num_blocks - 1}] for {model} "
                 f"({num_blocks} clustering blocks), got {chosen}"
             )
+
+    def observe(self, ctx: ContextState, block_index: int, num_blocks: int, image_tokens: torch.Tensor) -> None:
+        chosen = self.config.cluster_block
+        self._check_cluster_block(num_blocks)
         if block_index != chosen % num_blocks:
             return
         state: ClusterState = ctx.policy_state

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 import types
@@ -24,11 +26,13 @@ from hicache_sdk.errors import (
     DuplicatePluginError,
     HicacheError,
     InvalidParameterError,
+    PluginLoadError,
+    PluginLoadWarning,
     PluginRegistrationError,
     UnknownPluginError,
 )
 from hicache_sdk.policy import Policy
-from hicache_sdk.registry import AUTOLOAD_ENV, PluginRegistry
+from hicache_sdk.registry import AUTOLOAD_ENV, STRICT_ENV, PluginRegistry
 
 BUILTIN_DIST = f"hicache-sdk {metadata.version('hicache-sdk')}"
 
@@ -313,18 +317,20 @@ def test_select_adapter_runs_last_registered_first_unless_tryfirst() -> None:
 
 # -- third-party entry points and autoload ---------------------------------------------------------
 @pytest.fixture
-def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str], None]]:
-    """Install (as files on sys.path) a distribution ``fake-plugin 1.0`` whose entry point's module has ``source``."""
+def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Install (as files on sys.path) a distribution (``fake-plugin 1.0`` unless named) whose entry
+    point's module has ``source``."""
     modules: list[str] = []
 
-    def install(module: str, source: str) -> None:
+    def install(module: str, source: str, dist: str = "fake-plugin") -> None:
         (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
-        info = tmp_path / "fake_plugin-1.0.dist-info"
+        info = tmp_path / f"{dist.replace('-', '_')}-1.0.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugin\nVersion: 1.0\n")
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
         (info / "entry_points.txt").write_text(f"[hicache]\nextra = {module}\n")
         modules.append(module)
-        monkeypatch.syspath_prepend(str(tmp_path))
+        if str(tmp_path) not in sys.path:
+            monkeypatch.syspath_prepend(str(tmp_path))
         sdk.registry.reset_registry()
 
     yield install
@@ -351,7 +357,7 @@ CONSTANT_PLUGIN = """
 
 @pytest.mark.parametrize("setting", ["", "0", "false", "no"])
 def test_third_party_entry_point_discovered(
-    third_party: Callable[[str, str], None], monkeypatch: pytest.MonkeyPatch, setting: str
+    third_party: Callable[..., None], monkeypatch: pytest.MonkeyPatch, setting: str
 ) -> None:
     monkeypatch.setenv(AUTOLOAD_ENV, setting)
     third_party("fake_plugin_found", CONSTANT_PLUGIN.format(name="constant"))
@@ -362,7 +368,7 @@ def test_third_party_entry_point_discovered(
 
 @pytest.mark.parametrize("setting", ["1", "true", "yes"])
 def test_autoload_disabled_keeps_builtins_only(
-    third_party: Callable[[str, str], None], monkeypatch: pytest.MonkeyPatch, setting: str
+    third_party: Callable[..., None], monkeypatch: pytest.MonkeyPatch, setting: str
 ) -> None:
     monkeypatch.setenv(AUTOLOAD_ENV, setting)
     third_party("fake_plugin_skipped", CONSTANT_PLUGIN.format(name="constant"))
@@ -371,19 +377,88 @@ def test_autoload_disabled_keeps_builtins_only(
     assert {reg.distribution for reg in sdk.list_plugins()} == {BUILTIN_DIST}
 
 
-def test_third_party_collision_names_both_distributions(third_party: Callable[[str, str], None]) -> None:
+def test_third_party_duplicate_of_a_builtin_is_refused_and_the_builtin_kept(
+    third_party: Callable[..., None],
+) -> None:
     third_party("fake_plugin_clash", CONSTANT_PLUGIN.format(name="hermite"))
+    with pytest.warns(PluginLoadWarning) as record:
+        bases = sdk.list_bases()
+    message = str(record[0].message)
+    assert "plugin 'fake-plugin:extra' (fake-plugin 1.0): its basis 'hermite' duplicates the one of plugin 'bases'" in (
+        message
+    )
+    assert "the built-in one is kept" in message
+    assert bases == ["hermite", "newton", "scaled_taylor", "taylor"]
+    for _ in range(2):  # the built-in serves every access, with no further warning
+        assert sdk.get_basis("hermite") is HermiteBasis
+    assert sdk.compose("taylorseer", basis="hermite", sigma=0.5).basis == HermiteBasis(sigma=0.5)
+
+
+def test_two_third_party_plugins_with_one_name_make_it_an_error_naming_both(
+    third_party: Callable[..., None],
+) -> None:
+    third_party("fake_plugin_one", CONSTANT_PLUGIN.format(name="constant"), dist="fake-one")
+    third_party("fake_plugin_two", CONSTANT_PLUGIN.format(name="constant"), dist="fake-two")
+    with pytest.warns(PluginLoadWarning, match="its basis 'constant' duplicates .* requesting it is an error"):
+        assert "constant" not in sdk.list_bases()
     for _ in range(2):  # fails on every access, not only the first
         with pytest.raises(DuplicatePluginError) as info:
-            sdk.list_bases()
-        assert f"by plugin 'bases' ({BUILTIN_DIST})" in str(info.value)
-        assert "by plugin 'fake-plugin:extra' (fake-plugin 1.0) as fake_plugin_clash.Constant" in str(info.value)
+            sdk.get_basis("constant")
+        assert "'fake-one:extra' (fake-one 1.0)" in str(info.value)
+        assert "'fake-two:extra' (fake-two 1.0)" in str(info.value)
+    assert sdk.get_basis("taylor") is TaylorBasis
 
 
-def test_third_party_misspelled_hook_fails_loading(third_party: Callable[[str, str], None]) -> None:
-    source = CONSTANT_PLUGIN.format(name="constant").replace("def hicache_register_bases", "def hicache_register_basis")
-    third_party("fake_plugin_typo", source)
-    with pytest.raises(pluggy.PluginValidationError, match="unknown hook 'hicache_register_basis'"):
+BROKEN_SOURCES = {
+    "import-error": "import a_module_that_does_not_exist\n",
+    "misspelled-hook": CONSTANT_PLUGIN.format(name="constant").replace(
+        "def hicache_register_bases", "def hicache_register_basis"
+    ),
+    "raises": CONSTANT_PLUGIN.format(name="constant").replace("register(Constant)", "raise RuntimeError('boom')"),
+    "registers-a-non-basis": CONSTANT_PLUGIN.format(name="constant").replace("register(Constant)", "register(int)"),
+}
+BROKEN_PROBLEMS = {
+    "import-error": "failed to import 'fake_plugin_broken': ModuleNotFoundError",
+    "misspelled-hook": "unknown hook 'hicache_register_basis'",
+    "raises": "RuntimeError: boom",
+    "registers-a-non-basis": "registered <class 'int'> as a basis",
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BROKEN_SOURCES))
+def test_a_broken_plugin_never_takes_the_builtins_down(third_party: Callable[..., None], fault: str) -> None:
+    third_party("fake_plugin_broken", BROKEN_SOURCES[fault])
+    with pytest.warns(PluginLoadWarning) as record:
+        assert sdk.list_bases() == ["hermite", "newton", "scaled_taylor", "taylor"]
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert message.startswith("plugin 'fake-plugin:extra' (fake-plugin 1.0): ")
+    assert BROKEN_PROBLEMS[fault] in message
+    # the built-ins work end to end
+    assert sdk.compose("clusca", basis="hermite").basis == HermiteBasis()
+    # what the broken plugin would have provided is a clear error naming it
+    with pytest.raises(
+        UnknownPluginError, match=r"unknown basis 'constant'.*failed to load: plugin 'fake-plugin:extra'"
+    ):
+        sdk.get_basis("constant")
+    problems = sdk.list_plugin_problems()
+    assert [(p.plugin, p.distribution) for p in problems] == [("fake-plugin:extra", "fake-plugin 1.0")]
+
+
+@pytest.mark.parametrize("fault", ["import-error", "misspelled-hook"])
+def test_strict_mode_makes_a_broken_plugin_fatal(
+    third_party: Callable[..., None], monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    monkeypatch.setenv(STRICT_ENV, "1")
+    third_party("fake_plugin_broken", BROKEN_SOURCES[fault])
+    with pytest.raises(PluginLoadError, match=f"fake-plugin 1.0.*{BROKEN_PROBLEMS[fault]}.*{STRICT_ENV} is set"):
+        sdk.list_bases()
+
+
+def test_strict_mode_makes_a_duplicate_fatal(third_party: Callable[..., None], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(STRICT_ENV, "1")
+    third_party("fake_plugin_clash", CONSTANT_PLUGIN.format(name="hermite"))
+    with pytest.raises(DuplicatePluginError, match="'hermite' is registered twice"):
         sdk.list_bases()
 
 
@@ -435,3 +510,72 @@ def test_bad_weight_arguments_for_every_builtin(
 ) -> None:
     with pytest.raises(InvalidParameterError, match=expected):
         sdk.get_basis(name)().weights(offset, order, spacing)  # type: ignore[arg-type]
+
+
+# -- policies must carry a frozen attrs Config ------------------------------------------------------
+@attrs.define(kw_only=True)
+class MutableConfig:
+    interval: int = 3
+
+
+@attrs.frozen(kw_only=True)
+class NeedsArgumentConfig:
+    interval: int
+
+
+class PlainConfig:
+    interval = 3
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (MutableConfig, r"whose Config MutableConfig is not frozen; use @attrs.frozen"),
+        (PlainConfig, r"whose `Config` is <class .*PlainConfig'>; expected a frozen attrs class"),
+        (None, r"whose `Config` is None; expected a frozen attrs class"),
+        (NeedsArgumentConfig, r"its Config\(\) must build with defaults for every field"),
+    ],
+    ids=["not-frozen", "not-attrs", "missing", "no-defaults"],
+)
+def test_a_policy_without_a_frozen_attrs_config_is_refused(config: Any, expected: str) -> None:
+    policy = type("Sloppy", (TaylorSeer,), {"name": "sloppy", "Config": config})
+
+    @hookimpl
+    def hicache_register_policies(register: Callable[[Any], None]) -> None:
+        register(policy)
+
+    plugin = types.SimpleNamespace(hicache_register_policies=hicache_register_policies)
+    with pytest.raises(PluginRegistrationError, match=expected) as info:
+        sdk.register_plugin(plugin, name="sloppy-policies")
+    assert str(info.value).startswith("plugin 'sloppy-policies' (<runtime>) registered policy Sloppy")
+    assert "sloppy" not in sdk.list_policies()
+
+
+# -- the suite does not depend on the environment's plugins -----------------------------------------
+@pytest.mark.integration
+def test_the_suite_passes_with_broken_plugins_installed(tmp_path: Path) -> None:
+    """Broken third-party plugins installed beside the SDK: the registry tests still pass (the
+    suite hides the environment's plugins), and the SDK itself only warns."""
+    for dist, source in (
+        ("broken-import", BROKEN_SOURCES["import-error"]),
+        ("broken-hook", BROKEN_SOURCES["misspelled-hook"]),
+        ("clashing", CONSTANT_PLUGIN.format(name="taylor")),
+    ):
+        module = dist.replace("-", "_") + "_plugin"
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+        info = tmp_path / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[hicache]\nmain = {module}\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env.pop(AUTOLOAD_ENV, None)
+    probe = "import hicache_sdk as sdk; print(sdk.list_bases()); print(len(sdk.list_plugin_problems()))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["['hermite', 'newton', 'scaled_taylor', 'taylor']", "3"]
+    assert result.stderr.count("PluginLoadWarning") == 3
+    tests = Path(__file__).parent
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_registry.py")]
+    command += ["-k", "not test_the_suite_passes_with_broken_plugins_installed", "-W", "error::UserWarning"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
