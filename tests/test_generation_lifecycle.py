@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchHeunDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from helpers import flux_inputs, flux_pipeline, pipeline_call, run_loop, tiny_flux
 
 import hicache_sdk as sdk
@@ -135,23 +135,29 @@ def test_new_input_shapes_start_a_new_generation_without_a_failure() -> None:
 
 
 # -- the sampler contract ----------------------------------------------------------------------------
-def heun_like_levels(steps: int) -> list[float]:
-    """Noise levels of a second-order (Heun) sampler: every level after the first is evaluated twice."""
-    levels = [1.0 - s / steps for s in range(steps)]
-    return [levels[0]] + [level for level in levels[1:] for _ in range(2)]
-
-
-def test_a_repeated_noise_level_is_the_same_generation() -> None:
-    """A sampler that calls the transformer twice at one level (Heun) stays in one generation, each
-    call counting as one step; caching keeps working."""
-    model = tiny_flux(num_layers=1, num_single_layers=1)
+def heun_loop(model: FluxTransformer2DModel, steps: int) -> tuple[torch.Tensor, Any]:
+    """diffusers' second-order FlowMatchHeunDiscreteScheduler driving ``model`` in a bare loop."""
+    scheduler = FlowMatchHeunDiscreteScheduler()
+    scheduler.set_timesteps(steps)
     inputs = flux_inputs(side=2)
-    levels = heun_like_levels(6)  # 11 calls
+    latent = inputs.pop("hidden_states")
+    levels = []
     with ACCELERATOR.apply(model) as handle, torch.no_grad():
-        for level in levels:
-            model(**inputs, timestep=torch.tensor([level]), return_dict=False)
+        for t in scheduler.timesteps:
+            levels.append(float(t))
+            out = model(**inputs, hidden_states=latent, timestep=(t / 1000).reshape(1), return_dict=False)[0]
+            latent = scheduler.step(out, t, latent).prev_sample
         summary = handle.summary()
-    assert summary.steps == len(levels) == 11
+    return latent, (summary, levels)
+
+
+def test_a_heun_sampler_is_one_generation_of_one_step_per_call() -> None:
+    """Heun evaluates every level after the first twice: one generation, every call one step, and
+    caching keeps working (a new generation on an equal level would turn it off)."""
+    model = tiny_flux(num_layers=1, num_single_layers=1)
+    _, (summary, levels) = heun_loop(model, 6)
+    assert len(levels) == 11 and len(set(levels)) == 6  # repeated levels, as the contract says
+    assert summary.steps == 11
     assert (summary.full_steps, summary.forecast_steps) == (4, 7)  # reference schedule N=3, W=1: calls 0, 3, 6, 9
 
 
