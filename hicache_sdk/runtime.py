@@ -226,6 +226,10 @@ class Runtime:
         """The unit's outputs if it is not computed at this step (forecast or fallback), else ``None``."""
         ctx = self.current
         if ctx is None:
+            # a unit served outside any transformer forward: something bypasses the step hook
+            # (another cache wrapping the model refuses itself here) or a block is called directly
+            for check in self.generation_checks:
+                check()
             return None
         state = ctx.units.get(key)
         if state is None:

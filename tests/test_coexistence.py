@@ -79,3 +79,22 @@ def test_a_model_cached_by_cache_dit_is_refused() -> None:
     vars(pipe.transformer)["_is_cached"] = True  # what cache_dit.enable_cache sets on the transformer
     with pytest.raises(CacheConflictError, match="cache-dit"):
         ACCELERATOR.apply(pipe)
+
+
+def test_cache_dit_and_this_sdk_refuse_each_other() -> None:
+    cache_dit = pytest.importorskip("cache_dit")
+    model = flux_pipeline().transformer
+    options = {
+        "cache_config": cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, num_inference_steps=4),
+    }
+    cache_dit.enable_cache(model, **options)
+    try:
+        with pytest.raises(CacheConflictError, match=r"cache-dit \(enabled with cache_dit.enable_cache\)"):
+            ACCELERATOR.apply(model)
+    finally:
+        cache_dit.disable_cache(model)
+    pipe = flux_pipeline()  # a fresh model: cache-dit cannot undo its patches over this SDK's hooks
+    with ACCELERATOR.apply(pipe):
+        cache_dit.enable_cache(pipe.transformer, **options)
+        with pytest.raises(CacheConflictError, match="cache-dit"):
+            pipeline_call(pipe, steps=4)
