@@ -89,6 +89,7 @@ class _StepHook(ModelHook):
             _noise_level(arguments.get("timestep")),
             signature,
             total_steps=total,
+            step_index=getattr(context, "step_index", None),
         )
 
     def _context(self) -> Any:

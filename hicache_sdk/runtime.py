@@ -126,14 +126,16 @@ class Runtime:
         signature: tuple[Any, ...],
         *,
         total_steps: int | None = None,
+        step_index: int | None = None,
     ) -> None:
         """Called before a transformer forward in ``context`` at ``timestep`` (noise level).
 
         A new generation starts for a context never seen in this generation, after
         :meth:`end_generation`, when the noise level rises above the previous call's (an equal
-        level does not: Heun-style samplers evaluate a level twice), or when the inputs' shapes or
-        dtypes change. ``total_steps`` is the number of steps of the generation when the pipeline
-        tells it (read at the generation's first step).
+        level does not: Heun-style samplers evaluate a level twice), when the inputs' shapes or
+        dtypes change, or when the pipeline's loop index (``step_index``, which some pipelines
+        pass in their cache context) returns to 0. ``total_steps`` is the number of steps of the
+        generation when the pipeline tells it (read at the generation's first step).
         """
         if self._ended:
             self.contexts.clear()
@@ -144,11 +146,14 @@ class Runtime:
             ctx = self.contexts[name] = ContextState(name)
             self._start_generation(ctx, total_steps)
         elif (
-            timestep is not None and ctx.last_timestep is not None and timestep > ctx.last_timestep
-        ) or signature != ctx.signature:
+            (timestep is not None and ctx.last_timestep is not None and timestep > ctx.last_timestep)
+            or signature != ctx.signature
+            or (step_index == 0 and ctx.last_step_index not in (None, 0))
+        ):
             self._start_generation(ctx, total_steps)  # a new denoising run
         ctx.step += 1
         ctx.last_timestep = timestep
+        ctx.last_step_index = step_index
         ctx.signature = signature
         ctx.full = self.policy.in_full_tail(ctx.step, ctx.total_steps) or self.policy.is_full_step(ctx.step)
         if ctx.full:

@@ -71,6 +71,7 @@ class ContextState:
         self.step = -1
         self.full = True
         self.last_timestep: float | None = None
+        self.last_step_index: int | None = None  # the pipeline's loop index, when its cache context has one
         self.signature: tuple[Any, ...] | None = None  # shapes and dtypes of the forward's tensor inputs
         self.total_steps: int | None = None  # steps of this generation, when the pipeline tells it
         self.units: dict[str, UnitState] = {}

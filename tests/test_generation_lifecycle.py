@@ -207,3 +207,43 @@ def test_tail_must_be_a_non_negative_integer() -> None:
         model = tiny_flux(num_layers=1, num_single_layers=1)
         with sdk.compose("fora").apply(model) as handle:
             handle.reset(num_steps=0)
+
+
+# -- pipelines that describe their loop in the cache context (Wan, LTX) ---------------------------------
+def described_loop(model: FluxTransformer2DModel, steps: int, scale: float = 1.0, stop_at: int | None = None) -> Any:
+    """A loop passing ``step_index`` and ``num_inference_steps`` in its cache context, as Wan's pipeline
+    does; with ``stop_at`` it raises between two steps (outside any transformer forward)."""
+    inputs = flux_inputs(side=2)
+    latent = inputs.pop("hidden_states")
+    outputs = []
+    with torch.no_grad():
+        for i in range(steps):
+            if i == stop_at:
+                raise Boom("a callback between two steps")
+            level = scale * (1.0 - i / steps)
+            with model.cache_context("cond", step_index=i, num_inference_steps=steps):
+                out = model(**inputs, hidden_states=latent, timestep=torch.tensor([level]), return_dict=False)[0]
+            outputs.append(out)
+            latent = latent - out / steps
+    return torch.stack(outputs)
+
+
+def test_a_loop_index_back_at_zero_starts_a_new_generation() -> None:
+    """A failure between two steps (no forward raised) followed by a lower-noise run is still a new
+    generation when the pipeline passes its loop index."""
+    model = tiny_flux(num_layers=1, num_single_layers=1)
+    expected, expected_summary = fresh(lambda: described_loop(model, 8, scale=0.3), model)
+    with ACCELERATOR.apply(model) as handle:
+        with pytest.raises(Boom):
+            described_loop(model, 8, stop_at=6)
+        got = described_loop(model, 8, scale=0.3)
+        assert handle.summary() == expected_summary
+    assert torch.equal(got, expected)
+
+
+def test_tail_reads_the_number_of_steps_from_the_cache_context() -> None:
+    model = tiny_flux(num_layers=1, num_single_layers=1)
+    with sdk.compose("taylorseer", interval=4, warmup=1, tail=3).apply(model) as handle:
+        described_loop(model, 12)
+        summary = handle.summary()
+    assert (summary.steps, summary.full_steps) == (12, 6)  # 0, 4, 8 and the tail 9, 10, 11
