@@ -22,19 +22,27 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+import hicache_sdk as sdk
 from hicache_sdk.bench.policy_calls import encoderless_flux_pipeline
 
 __all__ = [
     "FLUX_IN_CHANNELS",
     "FLUX_TEXT_DIM",
     "CallCounter",
+    "ClusCaRefresh",
+    "ClusCaTrace",
+    "ReferenceLadder",
+    "UnitRecorder",
+    "cluster_means",
     "flux_inputs",
     "flux_modules",
     "flux_pipeline",
     "flux_prompt",
     "full_flux_pipeline",
+    "l1_kmeans",
     "pipeline_call",
     "pixart_inputs",
+    "replay_clusca_image_mlp",
     "run_loop",
     "sd3_inputs",
     "timesteps",
@@ -42,6 +50,7 @@ __all__ = [
     "tiny_pixart",
     "tiny_sd3",
     "tiny_wan",
+    "trace_clusca",
     "wan_inputs",
 ]
 
@@ -364,3 +373,236 @@ def flux_modules(model: FluxTransformer2DModel) -> dict[str, torch.nn.Module]:
         for part in ("attn", "proj_mlp", "proj_out"):
             found[f"single_transformer_blocks.{i}.{part}"] = getattr(block, part)
     return found
+
+
+# -- observing a cached run through its public API ----------------------------------------------
+class UnitRecorder:
+    """An observer for ``handle.add_observer``: every served unit output, cloned.
+
+    ``events[(context, key, step)] = (how, outputs)`` with ``how`` one of ``"computed"``,
+    ``"forecast"``, ``"fallback"`` and one tensor per stream in ``outputs``.
+    """
+
+    def __init__(self) -> None:
+        self.events: dict[tuple[str, str, int], tuple[str, tuple[torch.Tensor, ...]]] = {}
+
+    def __call__(self, context: str, step: int, key: str, how: str, outputs: tuple[torch.Tensor, ...]) -> None:
+        self.events[context, key, step] = (how, tuple(t.detach().clone() for t in outputs))
+
+    def keys(self, context: str = "default") -> list[str]:
+        """Unit keys served in ``context``, in the order they were first served."""
+        return list(dict.fromkeys(k for c, k, _ in self.events if c == context))
+
+    def steps(self, key: str, how: str | None = None, context: str = "default") -> list[int]:
+        """Steps at which ``key`` was served (as ``how``, if given), in order."""
+        return sorted(s for (c, k, s), (h, _) in self.events.items() if c == context and k == key and how in (None, h))
+
+    def how(self, key: str, step: int, context: str = "default") -> str:
+        return self.events[context, key, step][0]
+
+    def outputs(self, key: str, step: int, context: str = "default") -> tuple[torch.Tensor, ...]:
+        return self.events[context, key, step][1]
+
+
+class ReferenceLadder:
+    """``D^0 .. D^m`` of one stream rebuilt in float64 from its anchors, by the documented rule.
+
+    docs/concepts.md, "Anchor and ladder": at an anchor ``s_j``, ``new D^0 = F(s_j)`` and
+    ``new D^{i+1} = (new D^i - old D^i) / (s_j - s_{j-1})``, growing one order per anchor up to
+    ``max_order``; before step ``W - 1`` the ladder restarts at every anchor (the warm-up rule).
+    ``terms[0]`` may be edited between anchors (ClusCa's refresh); the edit persists.
+    """
+
+    def __init__(self, max_order: int, warmup: int) -> None:
+        self.max_order = max_order
+        self.warmup = warmup
+        self.terms: list[torch.Tensor] = []
+        self.last: int | None = None
+        self.spacing: int | None = None
+
+    def anchor(self, step: int, value: torch.Tensor) -> None:
+        new = [value.double()]
+        if self.terms and step >= self.warmup - 1:
+            assert self.last is not None
+            spacing = step - self.last
+            for i in range(min(len(self.terms), self.max_order)):
+                new.append((new[i] - self.terms[i]) / spacing)
+            self.spacing = spacing
+        else:
+            self.spacing = None
+        self.terms = new
+        self.last = step
+
+    def weights(self, step: int, basis: Any) -> tuple[float, ...]:
+        assert self.last is not None
+        return tuple(basis.weights(step - self.last, len(self.terms) - 1, float(self.spacing or 1)))
+
+    def forecast(self, step: int, basis: Any) -> torch.Tensor:
+        """``sum_i w_i D^i`` in float64 (docs/concepts.md, "Basis")."""
+        weights = self.weights(step, basis)
+        return sum((w * t for w, t in zip(weights[1:], self.terms[1:], strict=True)), weights[0] * self.terms[0])
+
+
+# -- ClusCa, observed from outside ----------------------------------------------------------------
+class ClusCaTrace:
+    """What a ClusCa run shows from outside: outputs, summary, submodule calls and served units.
+
+    ``image_mlp[b][s]`` is what block ``b``'s image MLP module returned at step ``s``: the whole
+    ``(B, L, D)`` output at a full step, the ``(B, K, D)`` fresh tokens (row ``c`` for cluster ``c``)
+    at a forecast step. ``block_images[b][s]`` is the image hidden states block ``b`` returned.
+    """
+
+    def __init__(self, model: FluxTransformer2DModel) -> None:
+        self.model = model
+        self.counter = CallCounter(flux_modules(model))
+        self.units = UnitRecorder()
+        self.image_mlp: dict[int, dict[int, torch.Tensor]] = {i: {} for i in range(len(model.transformer_blocks))}
+        self.block_images: dict[int, dict[int, torch.Tensor]] = {i: {} for i in range(len(model.transformer_blocks))}
+        self.output = torch.empty(0)
+        self.summary: Any = None
+
+    def full_steps(self, key: str = "transformer_blocks.0.ff") -> list[int]:
+        return self.units.steps(key, "computed")
+
+    def anchor_before(self, step: int) -> int:
+        """The newest full step before ``step``."""
+        return max(s for s in self.full_steps() if s < step)
+
+
+def trace_clusca(model: FluxTransformer2DModel, inputs: dict[str, Any], *, steps: int, **params: Any) -> ClusCaTrace:
+    """Run ``compose("clusca", **params)`` on a bare loop (one context) and record what it shows."""
+    trace = ClusCaTrace(model)
+    step = [0]
+
+    def keep_mlp(block: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+            trace.image_mlp[block][step[0]] = output.detach().clone()
+
+        return hook
+
+    def keep_images(block: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            trace.block_images[block][step[0]] = output[1].detach().clone()
+
+        return hook
+
+    hooks = [b.ff.register_forward_hook(keep_mlp(i)) for i, b in enumerate(model.transformer_blocks)]
+    hooks += [b.register_forward_hook(keep_images(i)) for i, b in enumerate(model.transformer_blocks)]
+    try:
+        with sdk.compose("clusca", **params).apply(model) as handle, trace.counter.counting():
+            handle.add_observer(trace.units)
+            trace.output = run_loop(model, inputs, steps=steps, on_step=lambda s: step.__setitem__(0, s))
+    finally:
+        for h in hooks:
+            h.remove()
+    trace.summary = handle.summary()
+    return trace
+
+
+class ClusCaRefresh:
+    """Per forecast step of one image MLP unit: the tokens ClusCa recomputed and the cluster labels.
+
+    ``chosen[s]`` is ``(B, K)``: the token that received cluster ``c``'s fresh value; ``labels[s]``
+    is ``(B, L)``: each token's cluster, read from which fresh value it was pulled toward (``-1``
+    where that cannot be read, i.e. for every token not recomputed when ``gamma == 0``).
+    """
+
+    def __init__(self) -> None:
+        self.chosen: dict[int, torch.Tensor] = {}
+        self.labels: dict[int, torch.Tensor] = {}
+
+
+def replay_clusca_image_mlp(
+    trace: ClusCaTrace,
+    block: int,
+    *,
+    basis: Any,
+    max_order: int,
+    warmup: int,
+    gamma: float,
+    tol: float = 1e-4,
+) -> ClusCaRefresh:
+    """Check every forecast of block ``block``'s image MLP against ClusCa's documented refresh.
+
+    plugins/clusca.py: at a forecast step the MLP runs on one token per cluster; those fresh values
+    overwrite ``D^0`` at their tokens and every other token is pulled toward its cluster's fresh
+    value, ``D^0_j <- D^0_j + gamma (f_c(j) - D^0_j)``; then the basis forecast runs on the updated
+    ladder, and the edit persists. The ladder is rebuilt from the served anchors
+    (:class:`ReferenceLadder`), the fresh values are the MLP module's own outputs. Which token
+    was recomputed and which cluster each token belongs to are read off the served forecast; an
+    assertion fails if no choice of them explains it within ``tol``.
+    """
+    key = f"transformer_blocks.{block}.ff"
+    ladder = ReferenceLadder(max_order, warmup)
+    refresh = ClusCaRefresh()
+    for step in trace.units.steps(key):
+        how, (served,) = trace.units.events["default", key, step]
+        if how == "computed":
+            ladder.anchor(step, served)
+            continue
+        assert how == "forecast", (key, step, how)
+        assert ladder.weights(step, basis)[0] == 1.0  # every built-in basis keeps D^0 as is
+        old = ladder.terms[0]
+        new = served.double() - (ladder.forecast(step, basis) - old)  # the D^0 this forecast was made from
+        fresh = trace.image_mlp[block][step].double()  # (B, K, D)
+        batch, length, _ = old.shape
+        k = fresh.shape[1]
+        to_fresh = (new[:, :, None, :] - fresh[:, None, :, :]).abs().amax(-1)  # (B, L, K)
+        is_fresh = to_fresh <= tol
+        per_row = is_fresh.sum(dim=1)
+        assert (per_row == 1).all(), f"step {step}: tokens holding each fresh value (one expected): {per_row.tolist()}"
+        assert (is_fresh.sum(dim=2) <= 1).all(), f"step {step}: a token holds two fresh values"
+        chosen = is_fresh.to(torch.int8).argmax(dim=1)  # (B, K)
+        pulled = old[:, :, None, :] + gamma * (fresh[:, None, :, :] - old[:, :, None, :])  # (B, L, K, D)
+        to_pulled = (new[:, :, None, :] - pulled).abs().amax(-1)  # (B, L, K)
+        labels = torch.full((batch, length), -1, dtype=torch.long)
+        expected = old.clone()
+        for b in range(batch):
+            for c in range(k):
+                labels[b, chosen[b, c]] = c
+                expected[b, chosen[b, c]] = fresh[b, c]
+            for j in range(length):
+                if labels[b, j] >= 0 or gamma == 0:
+                    continue
+                distances, nearest = to_pulled[b, j].sort()
+                assert distances[0] <= tol, (
+                    f"step {step}, sample {b}, token {j}: D^0 is not pulled toward any fresh value with "
+                    f"gamma={gamma} (nearest off by {float(distances[0]):.3g})"
+                )
+                assert k == 1 or distances[1] > 10 * tol, f"step {step}, sample {b}, token {j}: ambiguous cluster"
+                labels[b, j] = nearest[0]
+                expected[b, j] = pulled[b, j, nearest[0]]
+        off = float((new - expected).abs().max())
+        assert off <= tol, f"step {step}: the forecast is off the replayed refresh by {off:.3g}"
+        ladder.terms[0] = expected  # the refresh edits the ladder: the next step starts from it
+        refresh.chosen[step] = chosen
+        refresh.labels[step] = labels
+    return refresh
+
+
+def l1_kmeans(tokens: torch.Tensor, centroids: torch.Tensor, *, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain L1 k-means of one sample's tokens ``(L, D)`` from ``centroids (K, D)`` (the test's oracle).
+
+    As documented for ClusCa's clustering: assign each token to the nearest centroid by L1
+    distance, move each centroid to its members' mean (an empty cluster keeps its centroid); at
+    most ``iterations`` rounds, stopping when no label changes.
+    """
+    x, c = tokens.double(), centroids.double().clone()
+    labels = torch.full((x.shape[0],), -1, dtype=torch.long)
+    for _ in range(iterations):
+        new = (x[:, None, :] - c[None, :, :]).abs().sum(-1).argmin(dim=1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+        for cluster in range(c.shape[0]):
+            members = x[labels == cluster]
+            if len(members):
+                c[cluster] = members.mean(dim=0)
+    return labels, c
+
+
+def cluster_means(tokens: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean token ``(K, D)`` of each cluster of one sample (every cluster must have a member)."""
+    counts = torch.bincount(labels, minlength=k)
+    assert (counts > 0).all(), f"an empty cluster: members per cluster {counts.tolist()}"
+    return torch.stack([tokens.double()[labels == c].mean(dim=0) for c in range(k)])

@@ -70,7 +70,10 @@ def test_defaults_are_the_policy_and_basis_defaults() -> None:
 def test_a_ready_basis_instance_is_used_as_is() -> None:
     basis = HermiteBasis(sigma=0.3)
     assert sdk.compose("fora", basis=basis).basis is basis
-    with pytest.raises(InvalidParameterError, match=r"no one takes \['sigma'\].*takes nothing more"):
+    with pytest.raises(
+        InvalidParameterError,
+        match=r"\['sigma'\] are parameters of basis 'hermite', which was given as an instance \(hermite\(sigma=0.3\)\)",
+    ):
         sdk.compose("fora", basis=basis, sigma=0.5)
 
 
@@ -146,6 +149,7 @@ def test_cache_dtype_names(value: Any, dtype: torch.dtype) -> None:
 
 
 def test_bf16_storage_halves_the_cache_and_stays_close(model: FluxTransformer2DModel, inputs: dict[str, Any]) -> None:
+    reference = run_loop(model, inputs, steps=8)  # no cache
     results = {}
     for dtype in (None, "bf16"):
         with sdk.compose("taylorseer", interval=3, max_order=2, cache_dtype=dtype).apply(model) as handle:
@@ -153,8 +157,17 @@ def test_bf16_storage_halves_the_cache_and_stays_close(model: FluxTransformer2DM
     (full, full_bytes), (half, half_bytes) = results[None], results["bf16"]
     assert half.dtype == torch.float32  # forecasts come back in the model's dtype
     assert half_bytes * 2 == full_bytes
-    assert not torch.equal(half, full)
-    torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
+    # The bf16 ladders round each stored term to 8 significant bits; the forecasts still sum in float32.
+    # Budget: one bf16 spacing (2^-8) at the output's scale, 0.0063 here. Observed: bf16 storage moves
+    # the output by 0.0010 from the fp32-storage run (6x inside the budget), caching itself moves it by
+    # 0.037 from the uncached run (6x outside it).
+    scale = float(full.abs().max())
+    budget = 2.0**-8 * scale
+    bf16_effect = float((half - full).abs().max())
+    assert 2.0**-16 * scale < bf16_effect <= budget  # really stored in bf16 (not fp32), and only rounded
+    # still a cached run: at least 4 budgets from the uncached output (observed 0.036, 1.45x this bound);
+    # an uncached run is 0 away from it and 0.037 away from the fp32-storage run, outside the budget above
+    assert float((half - reference).abs().max()) >= 4 * budget
 
 
 # -- apply, the handle, detaching ------------------------------------------------------------------

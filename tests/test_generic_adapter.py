@@ -179,11 +179,19 @@ class PairModel(torch.nn.Module):
 
 
 def test_a_model_without_block_lists_is_a_clear_error() -> None:
+    model = NoBlocks()
+    x = torch.randn(1, 3, 4)
+    expected = model(x)
     with pytest.raises(AdapterMismatchError, match=r"no registered adapter fits NoBlocks.*block lists"):
-        sdk.compose("taylorseer").apply(NoBlocks())
+        sdk.compose("taylorseer").apply(model)
     with pytest.raises(AdapterMismatchError, match=r"NoBlocks has no non-empty block list"):
-        sdk.compose("taylorseer", adapter="generic").apply(NoBlocks())
-    assert not hasattr(NoBlocks(), "_hicache_handle")
+        sdk.compose("taylorseer", adapter="generic").apply(model)
+    # the model that was refused is left as it was: nothing attached, and it can still be applied to
+    assert not hasattr(model, "_hicache_handle")
+    assert "forward" not in vars(model)
+    assert torch.equal(model(x), expected)
+    with pytest.raises(AdapterMismatchError, match=r"no registered adapter fits NoBlocks"):
+        sdk.compose("fora").apply(model)  # refused for the same reason, not AlreadyAttachedError
 
 
 def test_an_unknown_block_output_layout_is_a_clear_error() -> None:

@@ -11,6 +11,7 @@ from hicache_sdk.plugins.bases import HermiteBasis, NewtonBasis, TaylorBasis
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hicache_sdk.basis import Basis
 from hicache_sdk.errors import InvalidParameterError
 from hicache_sdk.ladder import DifferenceLadder, weighted_sum
 
@@ -180,6 +181,39 @@ def test_bf16_storage_halves_memory_and_stays_within_bf16_tolerance() -> None:
     assert torch.equal(half.term(0).float(), features[-1].bfloat16().float())
 
 
+def bf16_spacing(values: torch.Tensor) -> torch.Tensor:
+    """Distance from each bfloat16 value to the next one away from zero (8 significant bits)."""
+    _, exponent = torch.frexp(values.double())  # values = m * 2^e with 0.5 <= |m| < 1
+    return torch.ldexp(torch.ones_like(values, dtype=torch.float64), exponent - 8)
+
+
+@pytest.mark.parametrize("basis", [TaylorBasis(), HermiteBasis(), NewtonBasis()], ids=str)
+def test_bf16_features_are_forecast_from_a_float32_sum_rounded_once(basis: Basis) -> None:
+    # bf16 features, stored as they come (bf16): the forecast sums the stored terms in float32 and
+    # rounds to bf16 once, so it is within half a bf16 spacing of the exact sum of the stored terms,
+    # plus the float32 sum's own rounding (a few 2^-24 of the terms' size). A sum accumulated in bf16
+    # rounds after every order and misses by up to a whole spacing.
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(64, 32, generator=generator)
+    ladder = DifferenceLadder(2)
+    for step in (0, 3, 6):
+        ladder.update((torch.sin(0.3 * step + direction) * 4).bfloat16(), step)
+    assert ladder.order == 2 and ladder.term(2).dtype == torch.bfloat16
+    terms = [ladder.term(i).double() for i in range(3)]
+    for offset in (1, 2):
+        weights = basis.weights(offset, 2, 3.0)
+        exact = sum(w * t for w, t in zip(weights, terms, strict=True))
+        out = ladder.forecast(6 + offset, basis)
+        assert out.dtype == torch.bfloat16
+        size = sum(abs(w) * t.abs() for w, t in zip(weights, terms, strict=True))
+        allowed = 0.5 * bf16_spacing(out) + 4 * 2.0**-24 * size
+        excess = (out.double() - exact).abs() - allowed
+        assert (excess <= 0).all(), (
+            f"{basis} at offset {offset}: {int((excess > 0).sum())} values farther than half a bf16 spacing from "
+            f"the exact sum of the stored terms (by up to {float(excess.max()):.3g} more)"
+        )
+
+
 def test_storage_dtype_does_not_change_the_forecast_dtype() -> None:
     ladder = DifferenceLadder(1, torch.float16)
     ladder.update(torch.ones(3, dtype=torch.bfloat16), 0)
@@ -205,6 +239,10 @@ def test_weighted_sum() -> None:
     assert out.tolist() == [52.0, 104.0]
     assert weighted_sum((1.0,), terms, torch.float32).tolist() == [1.0, 2.0]
     assert torch.equal(terms[0], torch.tensor([1.0, 2.0], dtype=torch.bfloat16))  # inputs untouched
+    # accumulated in float32, rounded once: 256 + 1 + 1 = 258 is a bf16 number; accumulated in bf16,
+    # 256 + 1 rounds (to even) back to 256, twice
+    ones = torch.tensor([256.0, 1.0, 1.0], dtype=torch.bfloat16)[:, None]
+    assert weighted_sum((1.0, 1.0, 1.0), ones, torch.bfloat16).tolist() == [258.0]
 
 
 def test_weights_beyond_float32_give_a_non_finite_forecast_not_an_error() -> None:

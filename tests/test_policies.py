@@ -12,7 +12,20 @@ import attrs
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from helpers import CallCounter, flux_inputs, flux_modules, run_loop, tiny_flux
+from helpers import (
+    ClusCaRefresh,
+    ClusCaTrace,
+    ReferenceLadder,
+    UnitRecorder,
+    cluster_means,
+    flux_inputs,
+    l1_kmeans,
+    replay_clusca_image_mlp,
+    run_loop,
+    tiny_flux,
+    trace_clusca,
+)
+from hicache_sdk.plugins.bases import TaylorBasis
 from hicache_sdk.plugins.clusca import ClusCaConfig
 from hicache_sdk.plugins.policies import ForaConfig, TaylorSeerConfig
 
@@ -22,7 +35,6 @@ from hicache_sdk.basis import Basis
 from hicache_sdk.clustering import kmeans_l1, one_token_per_cluster
 from hicache_sdk.errors import InvalidParameterError
 from hicache_sdk.ladder import DifferenceLadder
-from hicache_sdk.runtime import UnitOutputs
 
 POLICIES = ("fora", "taylorseer", "clusca")
 BASES = ("taylor", "hermite", "scaled_taylor", "newton")
@@ -42,19 +54,6 @@ def inputs() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def reference(model: FluxTransformer2DModel, inputs: dict[str, Any]) -> torch.Tensor:
     return run_loop(model, inputs, steps=STEPS)
-
-
-class Recorder:
-    """Runtime observer keeping every served unit output: ``events[(key, step)] = (how, outputs)``."""
-
-    def __init__(self) -> None:
-        self.events: dict[tuple[str, int], tuple[str, UnitOutputs]] = {}
-
-    def __call__(self, context: str, step: int, key: str, how: str, outputs: UnitOutputs) -> None:
-        self.events[key, step] = (how, tuple(t.clone() for t in outputs))
-
-    def steps(self, key: str, how: str) -> list[int]:
-        return sorted(s for (k, s), (h, _) in self.events.items() if k == key and h == how)
 
 
 # -- configs ---------------------------------------------------------------------------------------
@@ -109,9 +108,12 @@ def test_boundary_values_are_accepted() -> None:
 def test_cluster_block_outside_the_model_is_a_clear_error(
     model: FluxTransformer2DModel, inputs: dict[str, Any]
 ) -> None:
-    with sdk.compose("clusca", cluster_block=2, num_clusters=2).apply(model):
-        with pytest.raises(InvalidParameterError, match=r"cluster_block must be in \[-2, 1\].*got 2"):
-            run_loop(model, inputs, steps=2)
+    acc = sdk.compose("clusca", cluster_block=2, num_clusters=2)
+    with pytest.raises(InvalidParameterError, match=r"cluster_block must be in \[-2, 1\].*got 2"):
+        acc.apply(model)  # refused before anything is attached
+    with sdk.compose("clusca", cluster_block=-2, num_clusters=2).apply(model) as handle:  # the model is free
+        run_loop(model, inputs, steps=2)
+    assert handle.summary().steps == 2
 
 
 # -- every policy with every basis -----------------------------------------------------------------
@@ -157,103 +159,75 @@ def test_every_policy_accepts_every_basis(
 def test_fora_reuses_the_newest_output_whatever_the_basis(
     basis: str, model: FluxTransformer2DModel, inputs: dict[str, Any]
 ) -> None:
-    recorder = Recorder()
+    recorder = UnitRecorder()
     with sdk.compose("fora", basis=basis, interval=3, warmup=1).apply(model) as handle:
-        handle.runtime.observers.append(recorder)
+        handle.add_observer(recorder)
         run_loop(model, inputs, steps=STEPS)
-        ladders = [ladder for unit in handle.runtime.contexts["default"].units.values() for ladder in unit.ladders]
-    assert handle.runtime.policy.max_order == 0
-    assert ladders and all(ladder.order == 0 for ladder in ladders)
-    key = "transformer_blocks.1.ff"
-    assert recorder.steps(key, "computed") == [0, 3, 6, 9]
-    for step in recorder.steps(key, "forecast"):
-        anchor = max(s for s in recorder.steps(key, "computed") if s < step)
-        assert torch.equal(recorder.events[key, step][1][0], recorder.events[key, anchor][1][0])
-
-
-def reference_ladder(anchors: list[tuple[int, torch.Tensor]], max_order: int, warmup: int) -> tuple[list[Any], int]:
-    """D^0..D^m and the newest anchor step, rebuilt from scratch (METHODS section 1, warm-up rule)."""
-    terms: list[torch.Tensor] = []
-    last = -1
-    for step, value in anchors:
-        if terms and step >= warmup - 1:
-            spacing = step - last
-            new = [value.double()]
-            for i in range(min(len(terms), max_order)):
-                new.append((new[i] - terms[i]) / spacing)
-            terms = new
-        else:
-            terms = [value.double()]
-        last = step
-    return terms, last
+    summary = handle.summary()
+    keys = recorder.keys()
+    assert keys == [u.key for u in summary.units] and len(keys) == 8
+    for key in keys:  # every unit and stream: a forecast is the newest anchor itself, whatever the basis
+        assert recorder.steps(key, "computed") == [0, 3, 6, 9]
+        for step in recorder.steps(key, "forecast"):
+            anchor = max(s for s in recorder.steps(key, "computed") if s < step)
+            for got, kept in zip(recorder.outputs(key, step), recorder.outputs(key, anchor), strict=True):
+                assert torch.equal(got, kept), (key, step)
+    # order 0: the ladders hold one copy of each stream's output and nothing more
+    one_copy = sum(t.numel() * t.element_size() for key in keys for t in recorder.outputs(key, 9))
+    assert summary.cache_bytes == one_copy
 
 
 @pytest.mark.parametrize("basis", BASES)
 def test_taylorseer_forecast_is_the_basis_sum_over_the_ladder(
     basis: str, model: FluxTransformer2DModel, inputs: dict[str, Any]
 ) -> None:
-    recorder = Recorder()
+    recorder = UnitRecorder()
     basis_obj = sdk.get_basis(basis)()
     with sdk.compose("taylorseer", basis=basis_obj, interval=3, warmup=2, max_order=2).apply(model) as handle:
-        handle.runtime.observers.append(recorder)
+        handle.add_observer(recorder)
         run_loop(model, inputs, steps=14)
     for key in ("transformer_blocks.0.attn", "single_transformer_blocks.1.proj_out"):
         computed = recorder.steps(key, "computed")
         assert computed == [0, 1, 4, 7, 10, 13]
-        for step in recorder.steps(key, "forecast"):
-            anchors = [(s, recorder.events[key, s][1]) for s in computed if s < step]
-            for stream in range(len(anchors[0][1])):
-                terms, last = reference_ladder([(s, out[stream]) for s, out in anchors], 2, 2)
-                spacing = anchors[-1][0] - anchors[-2][0]
-                weights = basis_obj.weights(step - last, len(terms) - 1, spacing)
-                expected = sum(w * t for w, t in zip(weights, terms, strict=True))
-                got = recorder.events[key, step][1][stream]
-                torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        for stream in range(len(recorder.outputs(key, 0))):
+            ladder = ReferenceLadder(max_order=2, warmup=2)  # restarts at step 0, grows from step W - 1 = 1 on
+            for step in recorder.steps(key):
+                how, outputs = recorder.events["default", key, step]
+                if how == "computed":
+                    ladder.anchor(step, outputs[stream])
+                else:
+                    assert how == "forecast"
+                    expected = ladder.forecast(step, basis_obj)
+                    torch.testing.assert_close(outputs[stream].double(), expected, rtol=1e-5, atol=1e-5)
 
 
 # -- ClusCa token path -----------------------------------------------------------------------------
-def clusca_run(
-    model: FluxTransformer2DModel, inputs: dict[str, Any], *, steps: int, **params: Any
-) -> tuple[torch.Tensor, Any, CallCounter, list[dict[str, Any]]]:
-    """Run ClusCa (N=3, W=1); per step, the ladder D^0 of block 1's image MLP and the clustering labels."""
-    counter = CallCounter(flux_modules(model))
-    snapshots: list[dict[str, Any]] = []
-    outputs: dict[int, torch.Tensor] = {}
-    ff = model.transformer_blocks[1].ff
-    steps_seen = [0]
+# ClusCa is checked from outside: the image MLP's own outputs (forward hooks), the units the runtime
+# served (handle.add_observer) and the documented refresh, replayed by helpers.replay_clusca_image_mlp.
+def assert_one_token_per_cluster(trace: ClusCaTrace, refresh: ClusCaRefresh) -> int:
+    """Between two full steps the clusters do not change, and each recomputed token is in its cluster.
 
-    def keep_output(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
-        outputs[steps_seen[0]] = output.detach().clone()
-
-    def snapshot(context: str, step: int, key: str, how: str, unit_outputs: UnitOutputs) -> None:
-        if key == "transformer_blocks.1.ff":
-            ctx = handle.runtime.contexts[context]
-            labels = ctx.policy_state.labels
-            snapshots.append(
-                {
-                    "step": step,
-                    "how": how,
-                    "d0": ctx.units[key].ladders[0].term(0).clone(),
-                    "labels": None if labels is None else labels.clone(),
-                    "fresh": outputs.get(step),
-                }
-            )
-
-    acc = sdk.compose("clusca", interval=3, warmup=1, **params)
-    hook = ff.register_forward_hook(keep_output)
-    try:
-        with acc.apply(model) as handle, counter.counting():
-            handle.runtime.observers.append(snapshot)
-            out = run_loop(model, inputs, steps=steps, on_step=lambda s: steps_seen.__setitem__(0, s))
-    finally:
-        hook.remove()
-    return out, handle, counter, snapshots
+    A token recomputed for cluster ``c`` at one forecast step must, at another forecast step after
+    the same full step, be pulled toward cluster ``c``'s fresh value (or hold it again). Returns
+    how many pairs of forecast steps were compared.
+    """
+    pairs = 0
+    for first, second in itertools.permutations(sorted(refresh.labels), 2):
+        if trace.anchor_before(first) != trace.anchor_before(second):
+            continue
+        assert torch.equal(refresh.labels[first], refresh.labels[second]), (first, second)
+        chosen = refresh.chosen[first]
+        clusters = torch.gather(refresh.labels[second], 1, chosen)
+        assert torch.equal(clusters, torch.arange(chosen.shape[1]).expand_as(chosen)), (first, second, clusters)
+        pairs += 1
+    return pairs
 
 
 def test_clusca_runs_the_image_mlp_on_exactly_k_tokens_per_sample(
     model: FluxTransformer2DModel, inputs: dict[str, Any]
 ) -> None:
-    out, handle, counter, _ = clusca_run(model, inputs, steps=7, num_clusters=5)
+    trace = trace_clusca(model, inputs, steps=7, interval=3, warmup=1, num_clusters=5)
+    counter = trace.counter
     full, forecast = 3, 4  # steps 0, 3, 6 full
     tokens, text = 16, 6
     for i in range(2):
@@ -263,61 +237,60 @@ def test_clusca_runs_the_image_mlp_on_exactly_k_tokens_per_sample(
         assert counter.calls[f"transformer_blocks.{i}.attn"] == full
         assert counter.calls[f"single_transformer_blocks.{i}.attn"] == full
         assert counter.calls[f"single_transformer_blocks.{i}.proj_mlp"] == full
-    summary = handle.summary()
-    units = {u.key: u for u in summary.units}
+    units = {u.key: u for u in trace.summary.units}
     assert units["transformer_blocks.0.ff"].partial == forecast
     assert units["transformer_blocks.0.ff_context"].partial == forecast
     assert units["transformer_blocks.0.attn"].partial == 0
     assert units["single_transformer_blocks.0.proj_out"].partial == 0
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(trace.output).all()
 
 
 def test_clusca_with_more_clusters_than_tokens_refreshes_every_token(
     model: FluxTransformer2DModel, inputs: dict[str, Any]
 ) -> None:
-    _, _, counter, _ = clusca_run(model, inputs, steps=4, num_clusters=64)
-    assert sorted(counter.rows["transformer_blocks.0.ff"]) == [16, 16, 16, 16]
+    trace = trace_clusca(model, inputs, steps=4, interval=3, warmup=1, num_clusters=64)
+    assert sorted(trace.counter.rows["transformer_blocks.0.ff"]) == [16, 16, 16, 16]
 
 
 def test_clusca_gamma_zero_writes_fresh_tokens_only(model: FluxTransformer2DModel, inputs: dict[str, Any]) -> None:
     k = 4
-    _, _, _, snaps = clusca_run(model, inputs, steps=6, num_clusters=k, gamma=0.0)
-    checked = 0
-    for before, after in itertools.pairwise(snaps):
-        if after["how"] != "forecast":
-            continue
-        labels, fresh = after["labels"], after["fresh"]
-        assert fresh.shape == (2, k, before["d0"].shape[-1])
-        for b in range(2):
-            changed = (after["d0"][b] != before["d0"][b]).any(dim=-1).nonzero().flatten()
-            assert changed.numel() == k
-            assert sorted(labels[b, changed].tolist()) == list(range(k))  # one token per cluster
-            for row in fresh[b]:
-                assert any(torch.equal(after["d0"][b, p], row) for p in changed.tolist())
-        checked += 1
-    assert checked == 4  # steps 1, 2, 4 and 5
+    zero = trace_clusca(model, inputs, steps=6, interval=3, warmup=1, num_clusters=k, gamma=0.0)
+    # the replay checks that each forecast is the basis forecast of the newest anchor with exactly
+    # one token per sample holding each of the K fresh values and every other token unchanged
+    refresh = replay_clusca_image_mlp(zero, 1, basis=TaylorBasis(), max_order=1, warmup=1, gamma=0.0)
+    assert sorted(refresh.chosen) == [1, 2, 4, 5]
+    assert all(chosen.shape == (2, k) for chosen in refresh.chosen.values())
+    # which cluster each token is in shows only with gamma > 0: the same seed clusters step 0 and
+    # draws the tokens alike, so a pulled run names the clusters of the tokens recomputed here
+    pulled = trace_clusca(model, inputs, steps=6, interval=3, warmup=1, num_clusters=k, gamma=0.25)
+    named = replay_clusca_image_mlp(pulled, 1, basis=TaylorBasis(), max_order=1, warmup=1, gamma=0.25)
+    for step in (1, 2):
+        assert torch.equal(refresh.chosen[step], named.chosen[step])
+        clusters = torch.gather(named.labels[3 - step], 1, refresh.chosen[step])  # read at the other step
+        assert torch.equal(clusters, torch.arange(k).expand(2, k))  # one token per cluster
 
 
+@pytest.mark.parametrize("basis", ["taylor", "newton"])
 def test_clusca_gamma_pulls_every_token_toward_its_cluster(
-    model: FluxTransformer2DModel, inputs: dict[str, Any]
+    basis: str, model: FluxTransformer2DModel, inputs: dict[str, Any]
 ) -> None:
-    k, gamma = 4, 0.25
-    _, _, _, snaps = clusca_run(model, inputs, steps=3, num_clusters=k, gamma=gamma)
-    before, after = snaps[0], snaps[1]
-    assert after["how"] == "forecast"
-    labels, fresh = after["labels"], after["fresh"]
-    for b in range(2):
-        chosen = {}
-        for j, row in enumerate(fresh[b]):
-            positions = [p for p in range(16) if torch.equal(after["d0"][b, p], row)]
-            assert len(positions) == 1
-            chosen[int(labels[b, positions[0]])] = j
-        assert sorted(chosen) == list(range(k))
-        per_token = fresh[b][[chosen[int(c)] for c in labels[b]]]
-        expected = torch.lerp(before["d0"][b], per_token, gamma)
-        mask = torch.ones(16, dtype=torch.bool)
-        mask[[p for p in range(16) if any(torch.equal(after["d0"][b, p], r) for r in fresh[b])]] = False
-        torch.testing.assert_close(after["d0"][b][mask], expected[mask], rtol=1e-6, atol=1e-6)
+    """The whole refresh, replayed: fresh tokens, the gamma pull, persisted edits, the warm-up rule."""
+    k, gamma, warmup = 4, 0.25, 3
+    basis_obj = sdk.get_basis(basis)()
+    trace = trace_clusca(
+        model, inputs, steps=12, basis=basis_obj, interval=3, warmup=warmup, max_order=2, num_clusters=k, gamma=gamma
+    )
+    assert trace.full_steps() == [0, 1, 2, 5, 8, 11]
+    # the ladder restarts at steps 0 and 1, grows from step W - 1 = 2 on, and reaches order 2 at step 5
+    refreshes = [
+        replay_clusca_image_mlp(trace, block, basis=basis_obj, max_order=2, warmup=warmup, gamma=gamma)
+        for block in (0, 1)
+    ]
+    assert sorted(refreshes[0].labels) == [3, 4, 6, 7, 9, 10]
+    assert all((labels >= 0).all() for labels in refreshes[0].labels.values())  # every token's cluster read
+    assert assert_one_token_per_cluster(trace, refreshes[1]) == 6  # 3 intervals, 2 ordered pairs each
+    for step, labels in refreshes[0].labels.items():  # one clustering per full step, used by every block
+        assert torch.equal(labels, refreshes[1].labels[step]), step
 
 
 def test_clusca_clusters_each_sample_separately(model: FluxTransformer2DModel) -> None:
@@ -326,46 +299,61 @@ def test_clusca_clusters_each_sample_separately(model: FluxTransformer2DModel) -
         k: v[:1] if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v
         for k, v in pair.items()
     }
-    _, _, _, snaps_pair = clusca_run(model, pair, steps=5, num_clusters=4)
-    _, _, _, snaps_alone = clusca_run(model, alone, steps=5, num_clusters=4)
-    # labels of the full steps 0 and 3, as seen by the forecasts that follow them
-    labels_pair = [s["labels"] for s in snaps_pair if s["how"] == "forecast"]
-    labels_alone = [s["labels"] for s in snaps_alone if s["how"] == "forecast"]
-    assert len(labels_pair) == 3
-    assert labels_pair[0].shape == (2, 16)
-    assert all(torch.equal(p[:1], a) for p, a in zip(labels_pair, labels_alone, strict=True))
-    assert not torch.equal(labels_pair[0][0], labels_pair[0][1])
+    params: dict[str, Any] = {"interval": 3, "warmup": 1, "num_clusters": 4, "gamma": 0.25}
+    labels = {}
+    for name, batch in (("pair", pair), ("alone", alone)):
+        trace = trace_clusca(model, batch, steps=5, **params)
+        refresh = replay_clusca_image_mlp(trace, 1, basis=TaylorBasis(), max_order=1, warmup=1, gamma=0.25)
+        labels[name] = [refresh.labels[step] for step in (1, 4)]  # the clusters of full steps 0 and 3
+    assert labels["pair"][0].shape == (2, 16)
+    assert all(torch.equal(p[:1], a) for p, a in zip(labels["pair"], labels["alone"], strict=True))
+    assert not torch.equal(labels["pair"][0][0], labels["pair"][0][1])
 
 
 @pytest.mark.parametrize("cluster_block", [0, -1])
 def test_clusca_clusters_the_designated_block_once_per_full_step_warm_started(
-    cluster_block: int, monkeypatch: pytest.MonkeyPatch, model: FluxTransformer2DModel, inputs: dict[str, Any]
+    cluster_block: int, model: FluxTransformer2DModel
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    block_outputs: list[torch.Tensor] = []
+    """At each full step after the first, the clusters are ``kmeans_iterations`` rounds of L1 k-means of
+    the designated block's image tokens, started from the means of the previous full step's clusters."""
+    k, rounds = 6, 2
+    inputs = flux_inputs(batch=2, side=8, text=6)
+    trace = trace_clusca(
+        model,
+        inputs,
+        steps=10,
+        interval=3,
+        warmup=1,
+        num_clusters=k,
+        gamma=0.25,
+        kmeans_iterations=rounds,
+        cluster_block=cluster_block,
+    )
+    refresh = replay_clusca_image_mlp(trace, 1, basis=TaylorBasis(), max_order=1, warmup=1, gamma=0.25)
+    assert assert_one_token_per_cluster(trace, refresh) == 6
+    full = trace.full_steps()
+    assert full == [0, 3, 6, 9]
+    clusters = {step: refresh.labels[step + 1] for step in full[:-1]}  # read at the forecast step after each
+    designated, other = cluster_block % 2, 1 - cluster_block % 2
 
-    def recording(tokens: torch.Tensor, num_clusters: int, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        labels, centroids = kmeans_l1(tokens, num_clusters, **kwargs)
-        calls.append({"tokens": tokens.clone(), "k": num_clusters, **kwargs, "centroids": centroids})
-        return labels, centroids
+    def warm_started(block: int, step: int, previous: int, b: int, iterations: int) -> torch.Tensor:
+        start = cluster_means(trace.block_images[block][previous][b], clusters[previous][b], k)
+        return l1_kmeans(trace.block_images[block][step][b], start, iterations=iterations)[0]
 
-    monkeypatch.setattr("hicache_sdk.plugins.clusca.kmeans_l1", recording)
-    block = model.transformer_blocks[cluster_block]
-    hook = block.register_forward_hook(lambda module, args, output: block_outputs.append(output[1].clone()))
-    try:
-        with sdk.compose(
-            "clusca", interval=3, warmup=1, num_clusters=4, kmeans_iterations=7, cluster_block=cluster_block
-        ).apply(model):
-            run_loop(model, inputs, steps=7)  # full at 0, 3, 6
-    finally:
-        hook.remove()
-    assert len(calls) == 3
-    assert [c["k"] for c in calls] == [4, 4, 4] and all(c["iterations"] == 7 for c in calls)
-    for call, step in zip(calls, (0, 3, 6), strict=True):
-        assert torch.equal(call["tokens"], block_outputs[step])  # the block's image hidden states
-    assert calls[0]["init"] is None
-    assert torch.equal(calls[1]["init"], calls[0]["centroids"])
-    assert torch.equal(calls[2]["init"], calls[1]["centroids"])
+    checks = [(step, previous, b) for previous, step in itertools.pairwise(full[:-1]) for b in range(2)]
+    for step, previous, b in checks:
+        expected = warm_started(designated, step, previous, b, rounds)
+        differ = (clusters[step][b] != expected).nonzero().flatten().tolist()
+        assert not differ, (
+            f"step {step}, sample {b}: tokens {differ} are not clustered as {rounds} rounds of L1 k-means of block "
+            f"{designated}'s image tokens from the means of step {previous}'s clusters"
+        )
+    # the test can tell: the other block's tokens, one round or rounds to convergence would not give them
+    for block, iterations in ((other, rounds), (designated, 1), (designated, 100)):
+        assert not all(torch.equal(clusters[s][b], warm_started(block, s, p, b, iterations)) for s, p, b in checks), (
+            block,
+            iterations,
+        )
 
 
 def test_kmeans_is_per_sample_and_warm_starts() -> None:
@@ -480,18 +468,39 @@ def test_one_non_finite_forecast_is_one_fallback(
 
 
 def test_a_poisoned_ladder_restarts_after_one_fallback(model: FluxTransformer2DModel, inputs: dict[str, Any]) -> None:
+    """An overflow in low-precision storage: a slope beyond float16 makes one forecast infinite."""
     key = "transformer_blocks.0.ff"
+    step = [0]
+    jump = {0: 40000.0, 1: -40000.0}  # each anchor fits float16 (max 65504), their difference does not
 
-    def poison(context: str, step: int, unit: str, how: str, outputs: UnitOutputs) -> None:
-        if unit == key and step == 6:
-            ladder = handle.runtime.contexts[context].units[key].ladders[0]
-            assert (how, ladder.order) == ("computed", 2)
-            ladder.term(1).fill_(math.inf)  # e.g. an overflow in low-precision storage
+    def spike(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if step[0] not in jump:
+            return output
+        output = output.clone()
+        output[0, 0, 0] += jump[step[0]]
+        return output
 
-    with sdk.compose("taylorseer", interval=3, warmup=1, max_order=2).apply(model) as handle:
-        handle.runtime.observers.append(poison)
-        # full at 0, 3, 6, 9; step 7 falls back and restarts the ladder, so step 8 forecasts again
-        out = run_loop(model, inputs, steps=10)
+    recorder = UnitRecorder()
+    hook = model.transformer_blocks[0].ff.register_forward_hook(spike)
+    try:
+        acc = sdk.compose("taylorseer", interval=3, warmup=2, max_order=2, cache_dtype=torch.float16)
+        with acc.apply(model) as handle:
+            handle.add_observer(recorder)
+            # full at 0, 1, 4, 7: D^1 = F(1) - F(0) overflows to -inf; step 2 falls back and restarts
+            # the ladder, so step 3 reuses step 2's output and the ladder grows again from step 4
+            out = run_loop(model, inputs, steps=10, on_step=lambda s: step.__setitem__(0, s))
+    finally:
+        hook.remove()
     units = {u.key: u for u in handle.summary().units}
     assert torch.isfinite(out).all()
-    assert (units[key].fallbacks, units[key].forecast) == (1, 5)
+    assert (units[key].fallbacks, units[key].forecast, units[key].computed) == (1, 5, 4)
+    assert handle.summary().fallbacks == 1
+    assert [recorder.how(key, s) for s in range(10)] == ["computed"] * 2 + ["fallback", "forecast", "computed"] + [
+        "forecast",
+        "forecast",
+        "computed",
+        "forecast",
+        "forecast",
+    ]
+    (restart,), (reuse,) = recorder.outputs(key, 2), recorder.outputs(key, 3)
+    assert torch.equal(reuse, restart.half().float())  # order 0 from the fresh output (stored in float16)
