@@ -216,6 +216,55 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_contexts.py", "tests/test_pipeline.py"),
         "per-unit counts keep the last context instead of the sum over contexts",
     ),
+    # -- the hardening issue's root causes -------------------------------------------------------
+    Mutant(
+        "failed-step-keeps-generation",
+        "hicache_sdk/runtime.py",
+        "        self._signature = None\n        self.end_generation()",
+        "        self._signature = None",
+        ("tests/test_generation_lifecycle.py",),
+        "a forward that raises leaves its generation open for the next call",
+    ),
+    Mutant(
+        "diffusers-schedule-reference-ladder",
+        "hicache_sdk/policy.py",
+        'extend = self.config.schedule == "diffusers" or ctx.step >= self.config.warmup - 1',
+        "extend = ctx.step >= self.config.warmup - 1",
+        ("tests/test_schedule_diffusers.py",),
+        "schedule='diffusers' restarts the ladder during warm-up as the reference code does",
+    ),
+    Mutant(
+        "tail-ignored",
+        "hicache_sdk/policy.py",
+        "        return step >= total_steps - tail",
+        "        return False",
+        ("tests/test_generation_lifecycle.py",),
+        "the always-full tail computes nothing",
+    ),
+    Mutant(
+        "second-cache-unchecked",
+        "hicache_sdk/coexistence.py",
+        "    found = other_caches(model)\n    if found:",
+        "    found = other_caches(model)\n    if False:",
+        ("tests/test_coexistence.py",),
+        "another feature cache on the model is not refused",
+    ),
+    Mutant(
+        "broken-plugin-fatal",
+        "hicache_sdk/registry.py",
+        "                    plugin = ep.load()\n                except Exception as exc:",
+        "                    plugin = ep.load()\n                except ZeroDivisionError as exc:",
+        ("tests/test_registry.py",),
+        "a third-party plugin that fails to import takes every call down",
+    ),
+    Mutant(
+        "forecast-layout-unchecked",
+        "hicache_sdk/runtime.py",
+        "        if got != state.layout:",
+        "        if len(got) != len(state.layout):",
+        ("tests/test_api_errors.py",),
+        "a forecast of the wrong shape, dtype or device is broadcast into the model",
+    ),
 )
 
 
