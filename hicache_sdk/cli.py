@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .errors import HicacheError, InvalidParameterError
+from .basis import MAX_SUPPORTED_ORDER
+from .errors import HicacheError, InvalidParameterError, did_you_mean
+from .validation import check_int
 
 __all__ = ["build_parser", "main"]
+
+PROG = "hicache"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with every usage error reported as ``hicache: error: ...`` (exit status 2), sub-commands too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
 
 
 def _common(parser: argparse.ArgumentParser, *, out: str, steps: int = 50) -> None:
@@ -39,7 +52,7 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per job)."""
-    parser = argparse.ArgumentParser(prog="hicache", description="Feature caching for diffusion transformers.")
+    parser = _Parser(prog=PROG, description="Feature caching for diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     bench = sub.add_parser("bench", help="speed and fidelity of every method on the embedded model (the main job)")
@@ -111,6 +124,104 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: integer options: smallest and largest accepted value (None: no bound)
+_INT_OPTIONS: dict[str, tuple[int, int | None]] = {
+    "steps": (1, 2**31 - 1),
+    "threads": (1, None),
+    "repeats": (1, None),
+    "seeds_per_digit": (1, None),
+    "samples": (1, None),
+    "compile_steps": (1, 2**31 - 1),
+    "interval": (1, None),
+    "warmup": (0, None),
+    "max_order": (0, MAX_SUPPORTED_ORDER),
+}
+#: digit options (a list, or one digit)
+_DIGIT_OPTIONS = ("digits", "digit")
+#: real options (each a number or a list of them) that must be finite and > 0
+_POSITIVE_OPTIONS = ("sigma", "first_block_thresholds", "mag_thresholds", "cache_dit_thresholds")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _seed_span(args: argparse.Namespace) -> int:
+    """How many consecutive seeds from ``--seed`` the command uses."""
+    if args.command == "compare":  # MagCache calibration draws seed + 1000 + i, one per digit
+        return max(args.seeds_per_digit, 1000 + len(args.digits))
+    return int(getattr(args, "seeds_per_digit", None) or getattr(args, "samples", None) or 1)
+
+
+def _check_device(text: str) -> None:
+    """A torch device this machine has: ``cpu``, ``cuda``/``cuda:N`` with CUDA available, or ``mps``."""
+    import torch
+
+    expected = "expected cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidParameterError(f"--device {text!r} is not a torch device ({expected})") from exc
+    if device.type == "cpu" and device.index is None:
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+            why = "no CUDA device is visible" if built else "this torch build has no CUDA support"
+            raise InvalidParameterError(
+                f"--device {text!r}: CUDA is not available ({why}; torch {torch.__version__}); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise InvalidParameterError(f"--device {text!r}: this machine has {count} CUDA device(s)")
+        return
+    if device.type == "mps" and device.index is None:
+        if not torch.backends.mps.is_available():
+            raise InvalidParameterError(f"--device {text!r}: MPS is not available on this machine; use --device cpu")
+        return
+    raise InvalidParameterError(f"--device {text!r} is not supported ({expected})")
+
+
+def _check_compile_backend(name: str) -> None:
+    import torch
+
+    known = torch.compiler.list_backends(exclude_tags=None)  # debug and experimental ones too
+    if name not in known:
+        common = sorted({*torch.compiler.list_backends(), "eager", "aot_eager"})
+        raise InvalidParameterError(
+            f"--compile-backend {name!r} is not a torch.compile backend (e.g. {', '.join(common)})."
+            f"{did_you_mean(name, known)}"
+        )
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad option values before any work, each error naming the option as the user typed it."""
+    for name, (low, high) in _INT_OPTIONS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            check_int(_flag(name), value, minimum=low, maximum=high)
+    for name in _DIGIT_OPTIONS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        bad = [d for d in (value if isinstance(value, list) else [value]) if not 0 <= d <= 9]
+        if bad:
+            raise InvalidParameterError(
+                f"{_flag(name)} must be in 0..9, got {bad if isinstance(value, list) else bad[0]}"
+            )
+    for name in _POSITIVE_OPTIONS:
+        value = getattr(args, name, None)
+        for number in [] if value is None else value if isinstance(value, list) else [value]:
+            if not (math.isfinite(number) and number > 0):
+                raise InvalidParameterError(f"{_flag(name)} must be a finite number > 0, got {number}")
+    if getattr(args, "seed", None) is not None:
+        check_int("--seed", args.seed, minimum=0, maximum=2**63 - _seed_span(args))
+    if getattr(args, "device", None) is not None:
+        _check_device(args.device)
+    if args.command == "compare" and not args.no_compile:
+        _check_compile_backend(args.compile_backend)
+
+
 def _settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
     values = dict(defaults)
     for name in ("interval", "warmup", "max_order", "sigma"):
@@ -151,7 +262,7 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.methods import DEFAULT_METHODS, PAPER_SETTING, parse_methods
-    from .bench.report import check_writable, markdown_table, write_report
+    from .bench.report import check_writable, markdown_table, wall_check, write_report
     from .bench.runner import run_bench
 
     specs = parse_methods(args.methods or DEFAULT_METHODS)
@@ -171,7 +282,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         bar.update()
     files = write_report(report, args.out)
     print(f"{report.machine}; {settings.steps} steps; shared setting {dict(settings.shared)}")
+    print(f"{settings.repeats} interleaved repeats; repeats bit-identical: {report.deterministic}")
     print(markdown_table(report.results))
+    print(wall_check(report.results)[1])
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
 
@@ -256,9 +369,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     params = _settings(args, {})
     params.update(parse_params(args.param))
     accelerator = compose(args.policy, basis=args.basis, **params)
-    bad = [d for d in args.digit if not 0 <= d <= 9]
-    if bad:
-        raise InvalidParameterError(f"digits must be in 0..9, got {bad}")
     check_writable(args.out)
     model = _load_model(args)
     digits = [d for d in args.digit for _ in range(args.samples)]
@@ -332,13 +442,19 @@ _COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``hicache`` and ``python -m hicache_sdk``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
+    """Entry point of ``hicache`` and ``python -m hicache_sdk``; returns the exit status.
 
-        torch.set_num_threads(args.threads)
+    A bad option value, a bad weights file or a model that draws no digits prints
+    ``hicache: error: ...`` on stderr and returns 2; argparse's own usage errors (an unknown option,
+    a value that is not a number) exit with status 2 and the same prefix.
+    """
+    args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
+        if getattr(args, "threads", None) is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
         return _COMMANDS[args.command](args)
     except (HicacheError, KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

@@ -1,4 +1,5 @@
-"""``hicache compare`` on a reduced setting: the embedded model, few steps and samples, one repeat."""
+"""``hicache compare`` on a reduced setting: the embedded model, few steps and samples, two repeats (so that
+"repeats bit-identical" compares two runs of each row)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,12 @@ from hicache_sdk.cli import main
 from hicache_sdk.errors import InvalidParameterError
 from hicache_sdk.models import DigitsModel, load_digits_model
 
-SETTINGS = BenchSettings(methods=(), steps=6, digits=(1, 7), seeds_per_digit=1, repeats=1)
+SETTINGS = BenchSettings(methods=(), steps=6, digits=(1, 7), seeds_per_digit=1, repeats=2)
 TARGET = Target("test", interval=2, warmup=2)
+
+
+def _refuse(token: str) -> float:
+    raise ValueError(f"non-standard JSON token {token}")
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +61,14 @@ def test_every_row_is_present_and_scored(report: CompareReport) -> None:
         "diffusers taylorseer, paper units @test",
         "diffusers first-block-cache (threshold 0.05)",
     ]
-    assert report.deterministic
+    assert report.deterministic  # the second repeat of every row drew the same images as the first
+    full_seconds = report.results[0].wall_seconds
     for r in report.results:
         assert r.skipped is None and r.scores is not None
-        assert len(r.wall_seconds) == 1 and r.wall_speedup > 0
+        assert len(r.wall_seconds) == 2 and r.wall_speedup > 0
+        assert r.wall is not None and r.wall.spread == pytest.approx(max(r.wall_seconds) / min(r.wall_seconds))
+        paired = sorted(f / s for f, s in zip(full_seconds, r.wall_seconds, strict=True))
+        assert (r.wall.speedup_min, r.wall.speedup_max) == pytest.approx(tuple(paired))
     full = report.results[0]
     assert full.scores is not None and full.scores.rel_l2 == 0.0 and full.flops_speedup == 1.0
 
@@ -138,10 +147,14 @@ def test_forecast_path_compiles_once(model: DigitsModel) -> None:
 
 
 def test_cli_compare_writes_the_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["compare", "--steps", "4", "--digits", "3", "--seeds-per-digit", "1", "--repeats", "1"]
+    args = ["compare", "--steps", "4", "--digits", "3", "--seeds-per-digit", "1", "--repeats", "2"]
     args += ["--targets", "2x", "--methods", "taylorseer", "--no-overhead", "--no-compile", "--no-progress"]
     assert main([*args, "--out", str(tmp_path)]) == 0
-    payload = json.loads((tmp_path / "compare.json").read_text())
+    payload = json.loads((tmp_path / "compare.json").read_text(), parse_constant=_refuse)  # strict JSON
+    assert payload["deterministic"] is True
+    assert payload["wall_check"]["tolerance"] == 1.25
+    full = payload["results"][0]
+    assert full["label"] == "full" and full["scores"]["psnr"] is None  # +inf, written as null
     families = {r["family"] for r in payload["results"]}
     assert {"none", "hicache", "diffusers"} <= families
     assert any(r["label"].startswith("diffusers magcache") for r in payload["results"])  # calibrated first
@@ -150,17 +163,22 @@ def test_cli_compare_writes_the_tables(tmp_path: Path, capsys: pytest.CaptureFix
         assert r["skipped"] or not math.isnan(r["flops_speedup"])
         if r["family"] == "cache-dit" and not r["skipped"]:  # installed: it ran, and its cache was measured
             assert r["cache_bytes"] > 0
-    assert "| taylorseer @2x | hicache |" in (tmp_path / "compare.md").read_text()
-    command = "hicache compare --steps 4 --digits 3 --seeds-per-digit 1 --repeats 1 --seed 0 --targets 2x"
+        if not r["skipped"]:
+            assert len(r["wall_seconds"]) == 2 and r["wall"]["spread"] >= 1.0
+    markdown = (tmp_path / "compare.md").read_text()
+    assert "| taylorseer @2x | hicache |" in markdown
+    assert "| time spread |" in markdown and payload["wall_check"]["note"] in markdown
+    command = "hicache compare --steps 4 --digits 3 --seeds-per-digit 1 --repeats 2 --seed 0 --targets 2x"
     assert command + " --methods taylorseer --no-overhead --no-compile" in capsys.readouterr().out
 
 
 def test_cli_compare_against_diffusers_taylorseer_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["compare", "--steps", "4", "--digits", "3", "--seeds-per-digit", "1", "--repeats", "1"]
+    args = ["compare", "--steps", "4", "--digits", "3", "--seeds-per-digit", "1", "--repeats", "2"]
     args += ["--targets", "2x", "--methods", "taylorseer", "--baselines", "taylorseer"]
     args += ["--no-overhead", "--no-compile", "--no-progress", "--out", str(tmp_path)]
     assert main(args) == 0
-    payload = json.loads((tmp_path / "compare.json").read_text())
+    payload = json.loads((tmp_path / "compare.json").read_text(), parse_constant=_refuse)
+    assert payload["deterministic"] is True
     assert [r["label"] for r in payload["results"]] == [
         "full",
         "taylorseer @2x",

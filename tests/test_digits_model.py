@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hicache_sdk.errors import HicacheError
 from hicache_sdk.models import classifier as clf
 from hicache_sdk.models import digits as dg
 from hicache_sdk.models.data import split_digits
@@ -170,3 +171,51 @@ def test_sample_accepts_numpy_and_tensor_integers(model: dg.DigitsModel) -> None
     a = dg.sample(model, np.array([4]), torch.tensor([5]), steps=1)
     b = dg.sample(model, [4], [5], steps=1)
     assert torch.equal(a, b)
+
+
+def _scaled(model: dg.DigitsModel, factor: float, only: str = "") -> dg.DigitsModel:
+    scaled = dg.build_digits_model()
+    scaled.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, tensor in scaled.state_dict().items():
+            if only in name and tensor.is_floating_point():
+                tensor.mul_(factor)
+    return scaled.eval()
+
+
+@pytest.mark.parametrize(
+    ("factor", "only", "match"),
+    [
+        (10.0, "", r"saturated: 100% of the pixels of sample 0 \(digit 3, seed 5\)"),  # all weights x10: finite
+        (1e4, "proj_out", "saturated"),  # the velocity x10^4: every pixel far out, still finite
+        (1e30, "proj_out", "not finite in 2 of 2 samples"),  # overflows to inf/nan inside the sampler
+    ],
+)
+def test_sample_refuses_a_model_that_draws_no_digits(
+    model: dg.DigitsModel, tmp_path: Path, factor: float, only: str, match: str
+) -> None:
+    path = tmp_path / "scaled.safetensors"
+    dg.save_digits_model(_scaled(model, factor, only), path)
+    scaled = dg.load_digits_model(path)  # finite weights of the right shapes: the loader accepts them
+    with pytest.raises(dg.SaturatedOutputError, match=match) as caught:
+        dg.sample(scaled, [3, 8], [5, 6], steps=3)
+    assert isinstance(caught.value, HicacheError)
+
+
+def test_saturation_is_judged_before_the_clamp() -> None:
+    def image(values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(1, 1, 32, 32)
+
+    n = 32 * 32
+    # a dark background slightly below 0 and strokes slightly above 1 are clipped, but normal
+    dg._check_output(image(torch.where(torch.arange(n) % 3 == 0, 1.2, -0.4)), [0], [0])
+    # 90% of the pixels far out is still accepted (a step or two of a sane model stays far below that)
+    far = torch.arange(n) < int(0.9 * n)
+    dg._check_output(image(torch.where(far, -5.0, 0.5)), [0], [0])
+    # 91% far out on either side: refused, although clamping would give a valid-looking black/white image
+    far = torch.arange(n) < int(0.91 * n) + 1
+    with pytest.raises(dg.SaturatedOutputError, match="91% of the pixels"):
+        dg._check_output(image(torch.where(far, 7.0, 0.5)), [0], [0])
+    # a single non-finite pixel is refused
+    with pytest.raises(dg.SaturatedOutputError, match="not finite"):
+        dg._check_output(image(torch.where(torch.arange(n) == 7, float("nan"), 0.5)), [0], [0])

@@ -4,7 +4,8 @@ Every row runs in this one process on the embedded digits model and the bench's 
 per row, one untimed generation counts its FLOPs (torch's ``FlopCounterMode`` with CPU attention,
 over the whole generation, the same for every row) and the peak bytes its cache holds (see
 :mod:`.memory`); then every row is timed ``repeats`` times, interleaved in a rotating order, and
-scored against full compute.
+scored against full compute. Each row's wall speedup comes with the spread of its repeats and its
+flags (:mod:`.wall`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .memory import PeakCacheBytes
 from .methods import PAPER_SETTING
 from .rows import SDK_METHODS, TARGETS, Attached, CompareRow, Target, full_row, sdk_replica_row, sdk_row
 from .runner import BenchSettings, Fidelity, fidelity, machine_description, timed, torch_dtype
+from .wall import WallSpread, wall_spread
 
 __all__ = [
     "CACHE_DIT_THRESHOLDS",
@@ -66,6 +68,7 @@ class CompareResult:
     cache_bytes: int = 0  # peak, measured by walking the cache's state
     sdk_cache_bytes: int | None = None  # what this SDK's own summary says
     steps: str = "-"  # full/forecast steps, where the library reports them
+    wall: WallSpread | None = None  # spread of wall_seconds and its flags (see .wall)
 
 
 @attrs.frozen
@@ -232,13 +235,18 @@ def run_compare(
             results.append(CompareResult(label=row.label, family=row.family, setting=row.setting, skipped=row.skipped))
             continue
         probe = probes[row.label]
+        flops_speedup = full_flops / probe.flops if probe.flops else float("inf")
+        wall_speedup = full_time / statistics.median(times[row.label])
         results.append(
             attrs.evolve(
                 probe,
-                flops_speedup=full_flops / probe.flops if probe.flops else float("inf"),
+                flops_speedup=flops_speedup,
                 wall_seconds=tuple(times[row.label]),
-                wall_speedup=full_time / statistics.median(times[row.label]),
+                wall_speedup=wall_speedup,
                 scores=fidelity(images[row.label], reference, classifier, digits),
+                wall=wall_spread(
+                    times[row.label], times[full.label], wall_speedup=wall_speedup, flops_speedup=flops_speedup
+                ),
             )
         )
     return CompareReport(

@@ -1,8 +1,11 @@
-"""Writing ``hicache compare`` results: Markdown tables and a JSON file."""
+"""Writing ``hicache compare`` results: Markdown tables and a JSON file.
+
+``compare.json`` is strict JSON, non-finite numbers written as ``null`` (see
+:func:`.report.strict_json`); the wall column comes with its spread and flags (see :mod:`.wall`).
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -14,10 +17,19 @@ import attrs
 from .compare import CompareReport, CompareResult
 from .compiled import CompilePhase
 from .overhead import FullRunOverhead, StepShare
-from .report import check_writable
+from .report import check_writable, strict_json
 from .runner import format_number
+from .wall import WALL_SPREAD_TOLERANCE, format_flags, format_range, format_spread, wall_verdict
 
-__all__ = ["COMPARE_FILES", "compare_markdown", "compare_table", "compile_table", "overhead_tables", "write_compare"]
+__all__ = [
+    "COMPARE_FILES",
+    "compare_markdown",
+    "compare_table",
+    "compare_wall_check",
+    "compile_table",
+    "overhead_tables",
+    "write_compare",
+]
 
 COMPARE_FILES = ("compare.json", "compare.md")
 
@@ -40,6 +52,9 @@ _COLUMNS = (
     ("FLOPs speedup", lambda r: _speedup(r.flops_speedup)),
     ("SDK summary", lambda r: _speedup(r.sdk_flops_speedup)),
     ("wall speedup", lambda r: _speedup(r.wall_speedup)),
+    ("wall range", lambda r: format_range(r.wall)),
+    ("time spread", lambda r: format_spread(r.wall)),
+    ("wall check", lambda r: format_flags(r.wall)),
     ("rel. L2", lambda r: _score(r, "rel_l2", 4)),
     ("PSNR dB", lambda r: _score(r, "psnr", 2)),
     ("SSIM", lambda r: _score(r, "ssim", 4)),
@@ -63,6 +78,11 @@ def compare_table(results: Sequence[CompareResult]) -> str:
         rows.append("| " + " | ".join(cells) + " |")
     notes = [f"- `{r.label}` skipped: {r.skipped}" for r in results if r.skipped]
     return "\n".join([header, rule, *rows, *(["", *notes] if notes else [])])
+
+
+def compare_wall_check(results: Sequence[CompareResult]) -> tuple[bool | None, str]:
+    """Whether the wall column can be trusted (``None``: one repeat, not measured) and why, in a sentence."""
+    return wall_verdict([(r.label, r.wall, r.wall_speedup, r.flops_speedup) for r in results if r.skipped is None])
 
 
 def overhead_tables(full_runs: Sequence[FullRunOverhead], shares: Sequence[tuple[str, list[StepShare]]]) -> str:
@@ -114,9 +134,11 @@ def compile_table(phases: Sequence[CompilePhase]) -> str:
 
 def _json(report: CompareReport, extras: dict[str, Any]) -> str:
     s = report.settings
+    trusted, note = compare_wall_check(report.results)
     payload = {
         "machine": report.machine,
         "deterministic": report.deterministic,
+        "wall_check": {"tolerance": WALL_SPREAD_TOLERANCE, "trusted": trusted, "note": note},
         "full_flops_counts": list(report.full_flops_counts),
         "mag_ratios": list(report.mag_ratios),
         "settings": {
@@ -131,7 +153,7 @@ def _json(report: CompareReport, extras: dict[str, Any]) -> str:
         "results": [attrs.asdict(r) for r in report.results],
         **{key: [attrs.asdict(v) if attrs.has(type(v)) else v for v in values] for key, values in extras.items()},
     }
-    return json.dumps(payload, indent=2, default=str)
+    return strict_json(payload)
 
 
 def write_compare(report: CompareReport, markdown: str, out: Path, extras: dict[str, Any] | None = None) -> list[Path]:
@@ -158,11 +180,14 @@ def compare_markdown(
         "# hicache compare",
         "",
         f"Machine: {report.machine}. {s.steps} steps, {len(digits)} samples (digits {list(s.digits)}, "
-        f"{s.seeds_per_digit} seeds each from {s.seed}), CFG batched, {s.repeats} interleaved repeats (wall: median).",
+        f"{s.seeds_per_digit} seeds each from {s.seed}), CFG batched, {s.repeats} interleaved repeats (wall speedup: "
+        "median; wall range: the per-repeat speedups; time spread: slowest / fastest repeat time of the row).",
         f"Command: `{command}`. Repeats bit-identical: {report.deterministic}. "
         f"FLOPs of full compute, counted {len(report.full_flops_counts)} times: {counts}.",
         "",
         compare_table(report.results),
+        "",
+        compare_wall_check(report.results)[1],
         "",
         "FLOPs are counted by torch's FlopCounterMode (matmuls and attention, CPU attention included) over one "
         "whole generation, the same way for every row; 'SDK summary' is what this SDK's own run summary says. "

@@ -2,23 +2,51 @@
 
 Everything is written to a temporary folder beside the target and moved into place only when
 complete, so a failure never leaves a half-written report.
+
+The JSON files (``bench.json`` here, ``compare.json`` in :mod:`.compare_report`) are strict JSON
+(RFC 8259), readable by any parser: a number that is not finite is written as ``null``, never as
+the ``Infinity``/``NaN`` tokens Python's ``json`` would emit. That concerns the PSNR of a row whose
+images equal the reference (``+inf``, the ``full`` row) and a Frechet distance over a single sample
+(``nan``); the Markdown tables spell those ``inf`` and ``nan``. See :func:`strict_json`.
+
+Wall-clock figures come with their spread and flags (see :mod:`.wall`): the tables show each row's
+per-repeat speedup range, the spread of its repeat times and a check column, and the report says in
+one sentence whether the machine was quiet enough to trust the wall column.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import shutil
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ..errors import InvalidParameterError
 from .runner import BenchReport, MethodResult, format_number, result_rows
+from .wall import WALL_SPREAD_TOLERANCE, format_flags, format_range, format_spread, wall_verdict
 
-__all__ = ["REPORT_FILES", "check_writable", "markdown_table", "write_report"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "REPORT_FILES",
+    "check_writable",
+    "grid_columns",
+    "markdown_table",
+    "sample_grid",
+    "speed_error_plot",
+    "strict_json",
+    "wall_check",
+    "write_report",
+]
 
 REPORT_FILES = ("bench.json", "bench.md", "samples.png", "speed_vs_error.png")
 
@@ -26,6 +54,9 @@ _COLUMNS = (
     ("method", lambda r: r.label),
     ("FLOPs speedup", lambda r: f"{r.flops_speedup:.2f}x"),
     ("wall speedup", lambda r: f"{r.wall_speedup:.2f}x"),
+    ("wall range", lambda r: format_range(r.wall)),
+    ("time spread", lambda r: format_spread(r.wall)),
+    ("wall check", lambda r: format_flags(r.wall)),
     ("rel. L2", lambda r: format_number(r.rel_l2, 4)),
     ("PSNR dB", lambda r: format_number(r.psnr, 2)),
     ("SSIM", lambda r: format_number(r.ssim, 4)),
@@ -42,6 +73,31 @@ def markdown_table(results: Sequence[MethodResult]) -> str:
     rule = "|" + "|".join("---" for _ in _COLUMNS) + "|"
     rows = ["| " + " | ".join(fmt(r) for _, fmt in _COLUMNS) + " |" for r in results]
     return "\n".join([header, rule, *rows])
+
+
+def wall_check(results: Sequence[MethodResult]) -> tuple[bool | None, str]:
+    """Whether the wall column can be trusted (``None``: one repeat, not measured) and why, in a sentence."""
+    return wall_verdict([(r.label, r.wall, r.wall_speedup, r.flops_speedup) for r in results])
+
+
+def strict_json(payload: Any) -> str:
+    """``payload`` as strict JSON: non-finite numbers become ``null`` (``allow_nan=False`` checks it)."""
+    return json.dumps(_finite(payload), indent=2, allow_nan=False, default=str)
+
+
+def _finite(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def check_writable(out: Path) -> None:
@@ -61,10 +117,13 @@ def _markdown(report: BenchReport) -> str:
         "# hicache bench",
         "",
         f"Machine: {report.machine}. {s.steps} steps, {len(digits)} samples (digits {list(s.digits)}, "
-        f"{s.seeds_per_digit} seeds each from {s.seed}), CFG, {s.repeats} interleaved repeats (wall: median).",
+        f"{s.seeds_per_digit} seeds each from {s.seed}), CFG, {s.repeats} interleaved repeats (wall speedup: "
+        "median; wall range: the per-repeat speedups; time spread: slowest / fastest repeat time of the row).",
         f"Shared setting: {dict(s.shared)}. Repeats bit-identical: {report.deterministic}.",
         "",
         markdown_table(report.results),
+        "",
+        wall_check(report.results)[1],
         "",
         "Errors are against full compute on the same seeds; accuracy is the digit classifier's;",
         "Frechet distance is on the classifier's 64-d features (small-sample, for ranking only).",
@@ -75,59 +134,120 @@ def _markdown(report: BenchReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_grid(report: BenchReport, path: Path, columns: int = 10) -> None:
-    import matplotlib
+def _ranges(values: Sequence[int]) -> str:
+    """``0-3, 7`` for ``[0, 1, 2, 3, 7]``."""
+    parts: list[str] = []
+    ordered = sorted(set(values))
+    start = prev = ordered[0]
+    for v in [*ordered[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(parts)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def grid_columns(
+    digits: Sequence[int], seeds: Sequence[int], max_columns: int = 40
+) -> tuple[list[int], list[str], str]:
+    """The samples ``samples.png`` shows, a label per column and a caption saying which seeds are shown.
+
+    Samples ``i`` is ``(digits[i], seeds[i])``. Whole seeds are kept (every digit of a seed) while
+    they fit in ``max_columns`` (the first seed always); the columns are ordered by digit, then seed.
+    Returns ``(sample indices, column labels, caption)``.
+    """
+    if not digits or len(digits) != len(seeds):
+        raise ValueError(f"expected aligned, non-empty digits and seeds, got {len(digits)} and {len(seeds)}")
+    all_seeds = list(dict.fromkeys(seeds))
+    shown: list[int] = []
+    for seed in all_seeds:
+        of_seed = [i for i, s in enumerate(seeds) if s == seed]
+        if shown and len(shown) + len(of_seed) > max_columns:
+            break
+        shown += of_seed
+    order = {d: k for k, d in enumerate(dict.fromkeys(digits))}
+    shown.sort(key=lambda i: (order[digits[i]], all_seeds.index(seeds[i])))
+    labels = [f"digit {digits[i]}\nseed {seeds[i]}" for i in shown]
+    seeds_shown = sorted({seeds[i] for i in shown})
+    if len(shown) == len(digits):
+        caption = f"every sample: digits {_ranges(digits)}, seeds {_ranges(seeds_shown)} of each"
+    else:
+        caption = (
+            f"{len(shown)} of {len(digits)} samples: seeds {_ranges(seeds_shown)} shown of {_ranges(all_seeds)} "
+            f"(digits {_ranges(digits)})"
+        )
+    return shown, labels, "Rows: methods; columns: digit and seed. Shown: " + caption + "."
+
+
+def sample_grid(report: BenchReport, max_columns: int = 40) -> Figure:
+    """The image grid: one row per method, one labelled column per sample shown (see :func:`grid_columns`)."""
+    from matplotlib.figure import Figure
+
+    digits, seeds = report.settings.samples()
+    shown, column_labels, caption = grid_columns(digits, seeds, max_columns)
     labels = [r.label for r in report.results]
-    columns = min(columns, len(report.images[labels[0]]))
-    fig, axes = plt.subplots(len(labels), columns, figsize=(columns * 0.8 + 1.6, len(labels) * 0.85), squeeze=False)
+    columns = len(shown)
+    width = max(columns * 0.8 + 1.6, 6.0)
+    fig = Figure(figsize=(width, len(labels) * 0.85 + 1.2))
+    axes = fig.subplots(len(labels), columns, squeeze=False)
     for row, label in enumerate(labels):
         images = report.images[label]
-        for col in range(columns):
+        for col, index in enumerate(shown):
             ax = axes[row][col]
             ax.set_xticks([])
             ax.set_yticks([])
-            if col < len(images):
-                ax.imshow(images[col, 0].float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(images[index, 0].float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            if row == 0:
+                ax.set_title(column_labels[col], fontsize=7)
         axes[row][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(caption, width=int(width * 14))), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
-def _save_plot(report: BenchReport, path: Path) -> None:
-    import matplotlib
+def speed_error_plot(report: BenchReport) -> Figure:
+    """Relative L2 error against FLOPs and wall speedups, every point labelled with its method.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Rows with zero error (full compute, the reference) cannot sit on the log axis: the figure
+    names them in a note instead.
+    """
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    exact = []
     for r in report.results:
-        if r.rel_l2 <= 0:
+        if not r.rel_l2 > 0:
+            exact.append(r.label)
             continue
         ax.scatter(r.flops_speedup, r.rel_l2, marker="o", color="C0")
         ax.scatter(r.wall_speedup, r.rel_l2, marker="x", color="C1")
-        ax.annotate(r.label, (r.flops_speedup, r.rel_l2), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        # the FLOPs point labelled above, the wall point below: readable even where the two coincide
+        for x, offset, va in ((r.flops_speedup, 3, "bottom"), (r.wall_speedup, -3, "top")):
+            ax.annotate(r.label, (x, r.rel_l2), fontsize=7, xytext=(3, offset), textcoords="offset points", va=va)
     ax.scatter([], [], marker="o", color="C0", label="FLOPs speedup")
     ax.scatter([], [], marker="x", color="C1", label="wall-clock speedup")
     ax.set_xlabel("speedup over full compute")
     ax.set_ylabel("relative L2 error (lower is better)")
-    ax.set_yscale("log")
+    if len(exact) < len(report.results):  # a log axis needs a positive error to show
+        ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    if exact:
+        ax.set_title("zero error, not on the log axis: " + ", ".join(exact), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _json(report: BenchReport) -> str:
     s = report.settings
+    trusted, note = wall_check(report.results)
     payload = {
         "machine": report.machine,
         "deterministic": report.deterministic,
+        "wall_check": {"tolerance": WALL_SPREAD_TOLERANCE, "trusted": trusted, "note": note},
         "settings": {
             **{k: v for k, v in attrs.asdict(s, recurse=False).items() if k not in ("methods", "shared")},
             "digits": list(s.digits),
@@ -136,7 +256,7 @@ def _json(report: BenchReport) -> str:
         },
         "results": result_rows(report.results),
     }
-    return json.dumps(payload, indent=2, default=str)
+    return strict_json(payload)
 
 
 def write_report(report: BenchReport, out: Path) -> list[Path]:
@@ -146,8 +266,8 @@ def write_report(report: BenchReport, out: Path) -> list[Path]:
     try:
         (staging / "bench.json").write_text(_json(report))
         (staging / "bench.md").write_text(_markdown(report))
-        _save_grid(report, staging / "samples.png")
-        _save_plot(report, staging / "speed_vs_error.png")
+        sample_grid(report).savefig(staging / "samples.png", dpi=100)
+        speed_error_plot(report).savefig(staging / "speed_vs_error.png", dpi=110)
         written = []
         for name in REPORT_FILES:
             target = out / name

@@ -17,6 +17,7 @@ from ..models import DEFAULT_GUIDANCE, DigitsModel, load_digit_classifier, load_
 from ..models.classifier import DigitClassifier
 from .methods import FULL, PAPER_SETTING, MethodSpec
 from .metrics import frechet_distance, psnr, relative_l2, ssim
+from .wall import WallSpread, wall_spread
 
 __all__ = [
     "BenchReport",
@@ -73,6 +74,7 @@ class MethodResult:
     forecast_steps: int
     cache_bytes: int
     fallbacks: int
+    wall: WallSpread | None = None  # spread of wall_seconds and its flags (see .wall)
 
 
 @attrs.frozen
@@ -107,8 +109,10 @@ def check_settings(settings: BenchSettings) -> None:
     """Fail early, with a clear message, on settings that cannot run."""
     if settings.steps < 1:
         raise InvalidParameterError(f"steps must be >= 1, got {settings.steps}")
-    if settings.repeats < 1 or settings.seeds_per_digit < 1:
-        raise InvalidParameterError("repeats and seeds_per_digit must be >= 1")
+    if settings.repeats < 1:
+        raise InvalidParameterError(f"repeats must be >= 1, got {settings.repeats}")
+    if settings.seeds_per_digit < 1:
+        raise InvalidParameterError(f"seeds_per_digit must be >= 1, got {settings.seeds_per_digit}")
     bad = [d for d in settings.digits if not 0 <= d <= 9]
     if bad or not settings.digits:
         raise InvalidParameterError(f"digits must be in 0..9 (and at least one), got {list(settings.digits)}")
@@ -123,13 +127,18 @@ def check_settings(settings: BenchSettings) -> None:
 
 def timed(fn: Callable[[], torch.Tensor], device: str) -> tuple[torch.Tensor, float]:
     """``fn()`` and its wall-clock seconds (synchronising the GPU around it)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    _synchronize(device)
     start = time.perf_counter()
     out = fn()
+    _synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
 
 
 @attrs.frozen
@@ -223,12 +232,14 @@ def run_bench(
         summary = summaries.get(spec.label)
         acc = accelerators[spec.label]
         scores = fidelity(out, reference, classifier, digits)
+        flops_speedup = summary.flops_speedup if summary is not None else 1.0
+        wall_speedup = full_time / statistics.median(times[spec.label])
         results.append(
             MethodResult(
                 label=spec.label,
                 tag=acc.tag if acc is not None else "no cache",
-                flops_speedup=summary.flops_speedup if summary is not None else 1.0,
-                wall_speedup=full_time / statistics.median(times[spec.label]),
+                flops_speedup=flops_speedup,
+                wall_speedup=wall_speedup,
                 wall_seconds=tuple(times[spec.label]),
                 rel_l2=scores.rel_l2,
                 psnr=scores.psnr,
@@ -239,6 +250,9 @@ def run_bench(
                 forecast_steps=summary.forecast_steps if summary is not None else 0,
                 cache_bytes=summary.cache_bytes if summary is not None else 0,
                 fallbacks=summary.fallbacks if summary is not None else 0,
+                wall=wall_spread(
+                    times[spec.label], times[FULL], wall_speedup=wall_speedup, flops_speedup=flops_speedup
+                ),
             )
         )
     return BenchReport(

@@ -41,7 +41,8 @@ def record_unit(
 
     with compose(policy, basis=basis, **params).apply(model.transformer) as handle:  # type: ignore[arg-type]
         handle.runtime.observers.append(observer)
-        sample(model, [digit], [seed], steps=steps)
+        param = next(model.transformer.parameters())  # sample where, and in what dtype, the model is
+        sample(model, [digit], [seed], steps=steps, device=param.device, dtype=param.dtype)
         known = sorted(handle.summary().units, key=lambda u: u.key)
     if not features:
         raise InvalidParameterError(f"unknown unit {unit!r}; units: {[u.key for u in known]}")
