@@ -19,7 +19,7 @@ from .registry import get_registry
 from .runtime import FlopTable, Runtime, UnitObserver
 from .summary import RunSummary, summarize
 
-__all__ = ["Accelerator", "CacheHandle", "compose"]
+__all__ = ["Accelerator", "CacheHandle", "compose", "handle_of"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -155,6 +155,17 @@ def _scheduler_steps(target: Any, model: torch.nn.Module) -> StepsProvider | Non
         return max(len(timesteps) - int(begin), 0)
 
     return steps
+
+
+def handle_of(target: Any) -> CacheHandle | None:
+    """The handle of the accelerator attached to ``target`` (a pipeline or a transformer), or ``None``.
+
+    A sampling loop that knows its number of steps announces it with
+    ``handle.reset(num_steps=...)`` when an accelerator is attached (the embedded model's
+    :func:`~hicache_sdk.models.sample` does).
+    """
+    handle = getattr(find_transformer(target), _HANDLE_ATTR, None)
+    return handle if isinstance(handle, CacheHandle) and handle.attached else None
 
 
 class CacheHandle:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .basis import MAX_SUPPORTED_ORDER
-from .errors import HicacheError, InvalidParameterError, did_you_mean
+from .errors import HicacheError, InvalidParameterError, PluginLoadWarning, did_you_mean
 from .validation import check_int
 
 __all__ = ["build_parser", "main"]
@@ -397,12 +398,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from . import list_plugins
+    from . import list_plugin_problems, list_plugins
 
     rows = [(r.kind, r.name, r.plugin, r.distribution) for r in list_plugins()]
     widths = [max(len(str(row[i])) for row in [("kind", "name", "plugin", "distribution"), *rows]) for i in range(4)]
     for row in [("kind", "name", "plugin", "distribution"), *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    problems = list_plugin_problems()
+    if problems:
+        print(f"\nnot loaded ({len(problems)}; HICACHE_STRICT_PLUGINS=1 makes this an error):")
+        for problem in problems:
+            print(f"  {problem}")
     return 0
 
 
@@ -449,14 +455,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     a value that is not a number) exit with status 2 and the same prefix.
     """
     args = build_parser().parse_args(argv)
-    try:
-        _check_args(args)
-        if getattr(args, "threads", None) is not None:
-            import torch
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning(warnings.showwarning)
+        try:
+            _check_args(args)
+            if getattr(args, "threads", None) is not None:
+                import torch
 
-            torch.set_num_threads(args.threads)
-        return _COMMANDS[args.command](args)
-    except (HicacheError, KeyError, ValueError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"hicache: error: {message}", file=sys.stderr)
-        return 2
+                torch.set_num_threads(args.threads)
+            return _COMMANDS[args.command](args)
+        except (HicacheError, KeyError, ValueError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            print(f"hicache: error: {message}", file=sys.stderr)
+            return 2
+
+
+def _show_warning(fallback: Any) -> Any:
+    """``warnings.showwarning`` that prints a plugin that failed to load as ``hicache: warning: ...``."""
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, PluginLoadWarning):
+            print(f"hicache: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, *args, **kwargs)
+
+    return show

@@ -247,3 +247,15 @@ def test_tail_reads_the_number_of_steps_from_the_cache_context() -> None:
         described_loop(model, 12)
         summary = handle.summary()
     assert (summary.steps, summary.full_steps) == (12, 6)  # 0, 4, 8 and the tail 9, 10, 11
+
+
+def test_the_embedded_models_sampler_announces_its_steps() -> None:
+    from hicache_sdk.models import load_digits_model, sample
+
+    model = load_digits_model()
+    with sdk.compose("taylorseer", interval=4, warmup=1, tail=2).apply(model.transformer) as handle:
+        assert sdk.accelerator.handle_of(model.transformer) is handle
+        sample(model, [1], [0], steps=9)
+        summary = handle.summary()
+    assert (summary.steps, summary.full_steps) == (9, 4)  # 0, 4, 8 and the tail 7, 8
+    assert sdk.accelerator.handle_of(model.transformer) is None

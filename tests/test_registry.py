@@ -576,6 +576,54 @@ def test_the_suite_passes_with_broken_plugins_installed(tmp_path: Path) -> None:
     assert result.stderr.count("PluginLoadWarning") == 3
     tests = Path(__file__).parent
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_registry.py")]
-    command += ["-k", "not test_the_suite_passes_with_broken_plugins_installed", "-W", "error::UserWarning"]
+    command += ["-k", "not test_the_suite_passes_with_broken_plugins_installed", "-rw"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
+    # the environment's plugins never reached a test (no warning about them, even an uncaught one)
+    assert not any(dist in result.stdout for dist in ("broken-import", "broken-hook", "clashing")), result.stdout
+
+
+# -- the command line with broken plugins -----------------------------------------------------------
+def test_cli_warns_about_a_broken_plugin_and_lists_it(
+    third_party: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hicache_sdk.cli import main
+
+    third_party("fake_plugin_broken", BROKEN_SOURCES["misspelled-hook"])
+    assert main(["plugins"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("hicache: warning: plugin 'fake-plugin:extra' (fake-plugin 1.0): PluginValidationError")
+    assert "Traceback" not in err
+    assert "basis    taylor" in out
+    assert "not loaded (1; HICACHE_STRICT_PLUGINS=1 makes this an error):" in out
+    assert "unknown hook 'hicache_register_basis'" in out
+
+
+@pytest.mark.parametrize("fault", ["import-error", "misspelled-hook"])
+def test_cli_strict_mode_reports_a_broken_plugin_as_an_error(
+    third_party: Callable[..., None], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fault: str
+) -> None:
+    from hicache_sdk.cli import main
+
+    monkeypatch.setenv(STRICT_ENV, "1")
+    third_party("fake_plugin_broken", BROKEN_SOURCES[fault])
+    assert main(["plugins"]) == 2
+    _, err = capsys.readouterr()
+    assert err.startswith("hicache: error: plugin 'fake-plugin:extra' (fake-plugin 1.0): ")
+    assert BROKEN_PROBLEMS[fault] in err
+    assert "Traceback" not in err
+
+
+def test_cli_names_both_plugins_of_a_shared_name(
+    third_party: Callable[..., None], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hicache_sdk.cli import main
+
+    third_party("fake_plugin_one", CONSTANT_PLUGIN.format(name="constant"), dist="fake-one")
+    third_party("fake_plugin_two", CONSTANT_PLUGIN.format(name="constant"), dist="fake-two")
+    status = main(["run", "--basis", "constant", "--steps", "2", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "hicache: error: basis name 'constant' is registered twice" in err
+    assert "fake-one 1.0" in err and "fake-two 1.0" in err
+    assert not (tmp_path / "out").exists()

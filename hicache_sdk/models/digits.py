@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..accelerator import handle_of
 from ..errors import HicacheError, InvalidParameterError
 
 __all__ = [
@@ -305,6 +306,8 @@ def sample(
     and null-class inputs (batch ``2 * n``). Returns ``(n, 1, 32, 32)`` images in ``[0, 1]``
     (fp32, on ``device``). The ODE state stays fp32; the transformer runs in ``dtype``,
     on which the model must already be. Sample i depends only on ``digits[i]`` and ``seeds[i]``.
+    With an accelerator attached to ``model.transformer``, each call is one generation of
+    ``steps`` steps (announced to it, so policies with an always-full ``tail`` work).
 
     The output is checked before the clamp: a model that draws no digits (e.g. weights scaled far
     up, finite and so accepted by :func:`load_digits_model`) gives huge or non-finite values that
@@ -327,6 +330,9 @@ def sample(
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="sampling", unit="step")
+    handle = handle_of(model.transformer)
+    if handle is not None:  # a new generation of `steps` steps (for an always-full tail)
+        handle.reset(num_steps=steps)
     with torch.no_grad():
         for i in iterator:
             s_now, s_next = sigmas[i], sigmas[i + 1]
