@@ -17,7 +17,7 @@ import torch
 from .errors import CacheConflictError
 from .hooks import HOOK_NAME
 
-__all__ = ["DIFFUSERS_CACHE_MODULES", "check_no_other_cache", "other_caches"]
+__all__ = ["DIFFUSERS_CACHE_MODULES", "check_no_other_cache", "enable_cache_guard", "other_caches"]
 
 #: Modules of ``diffusers.hooks`` whose hooks are feature caches (their hooks are refused beside this SDK's).
 DIFFUSERS_CACHE_MODULES: frozenset[str] = frozenset(

@@ -185,9 +185,12 @@ class Runtime:
         self.current = None
         self._signature = None
 
-    def _start_generation(self, ctx: ContextState, total_steps: int | None) -> None:
+    def _run_generation_checks(self) -> None:
         for check in self.generation_checks:
             check()
+
+    def _start_generation(self, ctx: ContextState, total_steps: int | None) -> None:
+        self._run_generation_checks()
         ctx.reset()
         ctx.total_steps = total_steps if total_steps is not None else self._announced_steps
         ctx.policy_state = self.policy.new_policy_state()
@@ -233,8 +236,7 @@ class Runtime:
         if ctx is None:
             # a unit served outside any transformer forward: something bypasses the step hook
             # (another cache wrapping the model refuses itself here) or a block is called directly
-            for check in self.generation_checks:
-                check()
+            self._run_generation_checks()
             return None
         state = ctx.units.get(key)
         if state is None:
