@@ -4,8 +4,9 @@ Double-stream blocks: image and text attention (one joint attention call, two st
 MLP and text MLP, all cached *before* their gates. Single-stream blocks: the fused output
 projection (attention and MLP together), before its gate. On every step, forecast or not, the
 block computes its adaLN modulation from the current timestep and applies the current gates; on a
-forecast step the attention and MLP modules do not run. The image MLPs expose a token path
-(recompute on chosen tokens) for token-level policies such as ClusCa.
+forecast step the attention and MLP modules do not run. The MLPs expose a token path (recompute
+on chosen tokens) for token-level policies such as ClusCa, and every unit can run on a sub-batch
+(per-sample decisions). After each block its image tokens in and out are shown to the policy.
 """
 
 from __future__ import annotations
@@ -34,8 +35,15 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def _token_path(module: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, kind: Any) -> TokenPath:
-    return TokenPath(compute=lambda index: module(gather_tokens(inputs, index)), kind=kind)
+def _token_path(
+    module: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, kind: Any, name: str
+) -> TokenPath:
+    return TokenPath(compute=lambda index: module(gather_tokens(inputs, index)), kind=kind, module=name)
+
+
+def _rows(module: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+    """The unit computed for the samples in ``index`` only."""
+    return lambda index: module(inputs.index_select(0, index))
 
 
 def _attention_pair(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +55,7 @@ def _attention_pair(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return outputs[0], outputs[1]
 
 
-def _double_block_forward(runtime: Runtime, key: str, index: int, count: int) -> Callable[..., Any]:
+def _double_block_forward(runtime: Runtime, key: str, index: int) -> Callable[..., Any]:
     def forward(
         block: FluxTransformerBlock,
         original: Callable[..., Any],
@@ -62,17 +70,25 @@ def _double_block_forward(runtime: Runtime, key: str, index: int, count: int) ->
             encoder_hidden_states, emb=temb
         )
         attention_kwargs = joint_attention_kwargs or {}
-        attn_image, attn_text = runtime.unit(
-            f"{key}.attn",
-            lambda: _attention_pair(
+        tokens_in = hidden_states
+
+        def attention(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _attention_pair(
                 block.attn(
-                    hidden_states=norm_hidden,
-                    encoder_hidden_states=norm_context,
+                    hidden_states=image,
+                    encoder_hidden_states=text,
                     image_rotary_emb=image_rotary_emb,
                     **attention_kwargs,
                 )
-            ),
+            )
+
+        attn_image, attn_text = runtime.unit(
+            f"{key}.attn",
+            lambda: attention(norm_hidden, norm_context),
             streams=("img", "txt"),
+            batch_rows=lambda index: attention(norm_hidden.index_select(0, index), norm_context.index_select(0, index)),
+            block=index,
+            kind="attention",
         )
         hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_image
         norm_hidden = block.norm2(hidden_states)
@@ -80,7 +96,10 @@ def _double_block_forward(runtime: Runtime, key: str, index: int, count: int) ->
         (ff_image,) = runtime.unit(
             f"{key}.ff",
             lambda: block.ff(norm_hidden),
-            token_paths=(_token_path(block.ff, norm_hidden, "image"),),
+            token_paths=(_token_path(block.ff, norm_hidden, "image", "ff"),),
+            batch_rows=_rows(block.ff, norm_hidden),
+            block=index,
+            kind="mlp",
         )
         hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_image
 
@@ -90,18 +109,21 @@ def _double_block_forward(runtime: Runtime, key: str, index: int, count: int) ->
         (ff_text,) = runtime.unit(
             f"{key}.ff_context",
             lambda: block.ff_context(norm_context),
-            token_paths=(_token_path(block.ff_context, norm_context, "text"),),
+            token_paths=(_token_path(block.ff_context, norm_context, "text", "ff_context"),),
+            batch_rows=_rows(block.ff_context, norm_context),
+            block=index,
+            kind="mlp",
         )
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * ff_text
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
-        runtime.observe(index, count, hidden_states)
+        runtime.block(index, tokens_in, hidden_states)
         return encoder_hidden_states, hidden_states
 
     return forward
 
 
-def _single_block_forward(runtime: Runtime, key: str) -> Callable[..., Any]:
+def _single_block_forward(runtime: Runtime, key: str, index: int) -> Callable[..., Any]:
     def forward(
         block: FluxSingleTransformerBlock,
         original: Callable[..., Any],
@@ -117,15 +139,22 @@ def _single_block_forward(runtime: Runtime, key: str) -> Callable[..., Any]:
         norm_hidden, gate = block.norm(hidden_states, emb=temb)
         attention_kwargs = joint_attention_kwargs or {}
 
-        def compute() -> torch.Tensor:
-            mlp = block.act_mlp(block.proj_mlp(norm_hidden))
-            attn = block.attn(hidden_states=norm_hidden, image_rotary_emb=image_rotary_emb, **attention_kwargs)
+        def compute(normed: torch.Tensor) -> torch.Tensor:
+            mlp = block.act_mlp(block.proj_mlp(normed))
+            attn = block.attn(hidden_states=normed, image_rotary_emb=image_rotary_emb, **attention_kwargs)
             return block.proj_out(torch.cat([attn, mlp], dim=2))
 
-        (fused,) = runtime.unit(f"{key}.proj_out", compute)
+        (fused,) = runtime.unit(
+            f"{key}.proj_out",
+            lambda: compute(norm_hidden),
+            batch_rows=_rows(compute, norm_hidden),
+            block=index,
+            kind="fused",
+        )
         hidden_states = residual + gate.unsqueeze(1) * fused
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
+        runtime.block(index, residual[:, text_length:], hidden_states[:, text_length:])
         return hidden_states[:, :text_length], hidden_states[:, text_length:]
 
     return forward
@@ -142,6 +171,7 @@ class FluxAdapter(Adapter):
     name = "flux"
     priority = 100
     provides_token_paths = True
+    provides_batch_split = True
 
     def __init__(self, model: torch.nn.Module) -> None:
         if not self.fits(model):
@@ -166,6 +196,16 @@ class FluxAdapter(Adapter):
         """The double-stream blocks (each shows its image hidden states to the policy)."""
         return len(getattr(self.model, "transformer_blocks", []))
 
+    @property
+    def num_blocks(self) -> int:
+        model: Any = self.model
+        return len(model.transformer_blocks) + len(model.single_transformer_blocks)
+
+    @property
+    def timestep_scale(self) -> float:
+        """Flux takes the noise level itself (the pipeline passes ``t / 1000``)."""
+        return 1.0
+
     def bindings(self, runtime: Runtime) -> list[BlockBinding]:
         model: Any = self.model
         double, single = list(model.transformer_blocks), list(model.single_transformer_blocks)
@@ -173,7 +213,7 @@ class FluxAdapter(Adapter):
             BlockBinding(
                 f"transformer_blocks.{i}",
                 block,
-                _double_block_forward(runtime, f"transformer_blocks.{i}", i, len(double)),
+                _double_block_forward(runtime, f"transformer_blocks.{i}", i),
             )
             for i, block in enumerate(double)
         ]
@@ -181,7 +221,7 @@ class FluxAdapter(Adapter):
             BlockBinding(
                 f"single_transformer_blocks.{i}",
                 block,
-                _single_block_forward(runtime, f"single_transformer_blocks.{i}"),
+                _single_block_forward(runtime, f"single_transformer_blocks.{i}", len(double) + i),
             )
             for i, block in enumerate(single)
         ]

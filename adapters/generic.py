@@ -20,7 +20,7 @@ from hicache_sdk.adapter import Adapter, BlockBinding
 from hicache_sdk.errors import AdapterMismatchError
 from hicache_sdk.runtime import Runtime
 
-__all__ = ["BLOCK_LISTS", "OUTPUT_LAYOUTS", "GenericAdapter"]
+__all__ = ["BLOCK_LISTS", "OUTPUT_LAYOUTS", "TIMESTEP_SCALES", "GenericAdapter"]
 
 #: Attributes holding block lists, in the order a model runs them.
 BLOCK_LISTS: tuple[str, ...] = (
@@ -29,6 +29,14 @@ BLOCK_LISTS: tuple[str, ...] = (
     "blocks",
     "temporal_transformer_blocks",
 )
+
+#: The timestep a model class receives at noise level 1 (others: 1000, the diffusers default).
+TIMESTEP_SCALES: dict[str, float] = {
+    "FluxTransformer2DModel": 1.0,
+    "ChromaTransformer2DModel": 1.0,
+    "QwenImageTransformer2DModel": 1.0,
+    "Flux2Transformer2DModel": 1.0,
+}
 
 #: Input argument each output of a block class is the updated version of (``None`` entries allowed).
 OUTPUT_LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -66,7 +74,9 @@ def _layout(block: torch.nn.Module, output: Any) -> tuple[str, ...]:
     return layout
 
 
-def _block_forward(runtime: Runtime, key: str, layouts: dict[str, tuple[str | None, ...]]) -> Callable[..., Any]:
+def _block_forward(
+    runtime: Runtime, key: str, index: int, layouts: dict[str, tuple[str | None, ...]]
+) -> Callable[..., Any]:
     """The runtime-aware forward of one block; ``layouts[key]`` records which input each output updates.
 
     A ``None`` entry in the recorded layout is an output the block returns as ``None`` (e.g. the
@@ -99,12 +109,17 @@ def _block_forward(runtime: Runtime, key: str, layouts: dict[str, tuple[str | No
                 residuals.append(value - source)
             return tuple(residuals)
 
-        residuals = runtime.unit(key, compute, streams=None)
+        residuals = runtime.unit(key, compute, streams=None, block=index, kind="block")
         if computed:  # the block ran: return its exact output
-            return computed[0]
-        rebuilt = iter(residuals)
-        outputs = [None if name is None else inputs[name] + next(rebuilt) for name in layouts[key]]
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+            output = computed[0]
+            outputs = [output] if isinstance(output, torch.Tensor) else list(output)
+        else:
+            rebuilt = iter(residuals)
+            outputs = [None if name is None else inputs[name] + next(rebuilt) for name in layouts[key]]
+            output = outputs[0] if len(outputs) == 1 else tuple(outputs)
+        if "hidden_states" in layouts[key]:
+            runtime.block(index, inputs["hidden_states"], outputs[layouts[key].index("hidden_states")])
+        return output
 
     return forward
 
@@ -129,11 +144,20 @@ class GenericAdapter(Adapter):
         return bool(_block_lists(model))
 
     def bindings(self, runtime: Runtime) -> list[BlockBinding]:
+        blocks = [(f"{attr}.{i}", block) for attr, found in _block_lists(self.model) for i, block in enumerate(found)]
         return [
-            BlockBinding(f"{attr}.{i}", block, _block_forward(runtime, f"{attr}.{i}", self._layouts))
-            for attr, blocks in _block_lists(self.model)
-            for i, block in enumerate(blocks)
+            BlockBinding(key, block, _block_forward(runtime, key, index, self._layouts))
+            for index, (key, block) in enumerate(blocks)
         ]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(found) for _, found in _block_lists(self.model))
+
+    @property
+    def timestep_scale(self) -> float:
+        """From :data:`TIMESTEP_SCALES` by the model's class (1000 for classes it does not list)."""
+        return TIMESTEP_SCALES.get(type(self.model).__name__, 1000.0)
 
     @property
     def note(self) -> str:

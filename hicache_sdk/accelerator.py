@@ -118,12 +118,22 @@ class Accelerator:
                 f"policy {policy.name!r} recomputes units on chosen tokens; adapter {adapter.name!r} offers no "
                 "token-wise units. Use an adapter that does (e.g. 'flux') or a policy without token refresh."
             )
+        if policy.needs_batch_split and not adapter.provides_batch_split:
+            raise AdapterMismatchError(
+                f"policy {policy.name!r} has per_sample=True (decisions per sample of the batch); adapter "
+                f"{adapter.name!r} cannot run a unit on a sub-batch. Use an adapter that can (e.g. 'flux') "
+                "or per_sample=False."
+            )
         policy.check_adapter(adapter)
         flops = _FLOP_TABLES.setdefault(model, {}).setdefault(adapter.name, FlopTable())
         runtime = Runtime(policy, cache_dtype=self.cache_dtype, check_finite=self.check_finite, flops=flops)
         runtime.generation_checks.append(lambda: check_no_other_cache(model, policy.tag))
+        runtime.observed_blocks = adapter.observed_blocks
+        runtime.timestep_scale = adapter.timestep_scale
         try:
-            for binding in adapter.bindings(runtime):
+            bindings = adapter.bindings(runtime)
+            runtime.num_blocks = len(bindings)
+            for binding in bindings:
                 attach_block_forward(binding.block, binding.forward)
             attach_step_hook(model, runtime, steps_of=_scheduler_steps(target, model))
         except Exception:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import attrs
 import torch
@@ -35,11 +35,13 @@ class Adapter(abc.ABC):
         name: registry name.
         priority: among adapters that fit a model, the highest priority is chosen.
         provides_token_paths: whether units can be recomputed on a subset of tokens.
+        provides_batch_split: whether units can be computed on a sub-batch (per-sample decisions).
     """
 
     name: ClassVar[str]
     priority: ClassVar[int] = 0
     provides_token_paths: ClassVar[bool] = False
+    provides_batch_split: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -51,7 +53,12 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def bindings(self, runtime: Runtime) -> list[BlockBinding]:
-        """The block forwards to install for ``runtime``."""
+        """The block forwards to install for ``runtime``, in the order the model runs the blocks.
+
+        Each forward serves its units through :meth:`Runtime.unit` (with ``block`` = its index in
+        this list and a ``kind``) and, after the block, shows its image tokens to the policy through
+        :meth:`Runtime.block`.
+        """
 
     @property
     def observed_blocks(self) -> int:
@@ -61,6 +68,19 @@ class Adapter(abc.ABC):
         adapter calls ``observe`` nowhere.
         """
         return 0
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks this adapter binds, every block list together (policies index them in run order)."""
+        return len(self.bindings(cast(Runtime, None)))  # bindings only capture the runtime
+
+    @property
+    def timestep_scale(self) -> float | None:
+        """The model's timestep at noise level 1 (Flux: 1.0, most others: 1000.0); ``None`` if unknown.
+
+        Policies see ``sigma = timestep / timestep_scale`` in :class:`~hicache_sdk.decision.StepInfo`.
+        """
+        return None
 
     @property
     def note(self) -> str:

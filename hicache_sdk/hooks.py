@@ -65,11 +65,12 @@ class _StepHook(ModelHook):
         try:
             self._begin(module, args, kwargs)
             output = original(*args, **kwargs)
+            while self.runtime.end_step(_main_output(output)):  # the policy rejected the draft: run it in full
+                output = original(*args, **kwargs)
         except BaseException:
             # an error or an interrupt ends the generation: the next call must start afresh
             self.runtime.abort()
             raise
-        self.runtime.end_step()
         return output
 
     @torch.compiler.disable
@@ -84,12 +85,16 @@ class _StepHook(ModelHook):
         total = getattr(context, "num_inference_steps", None)
         if total is None and self.steps_of is not None:
             total = self.steps_of()
+        latents = arguments.get("hidden_states")
+        latents = latents if isinstance(latents, torch.Tensor) else None
         self.runtime.begin_step(
             None if context is None else str(context.name),
             _noise_level(arguments.get("timestep")),
             signature,
             total_steps=total,
             step_index=getattr(context, "step_index", None),
+            batch_size=None if latents is None or latents.dim() == 0 else int(latents.shape[0]),
+            latents=latents,
         )
 
     def _context(self) -> Any:
@@ -112,6 +117,16 @@ class _BlockHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return self._forward(module, self.fn_ref.original_forward, *args, **kwargs)
+
+
+def _main_output(output: Any) -> torch.Tensor | None:
+    """The model's main output: a tensor, the first item of a tuple, or an output object's ``sample``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    sample = getattr(output, "sample", None)
+    return sample if isinstance(sample, torch.Tensor) else None
 
 
 def _noise_level(timestep: Any) -> float | None:

@@ -8,6 +8,10 @@ At each full step (an *anchor*) at step ``s_j`` with the previous anchor at ``s_
 using the real spacing, and only for orders the old ladder already held: the ladder grows by at
 most one order per anchor, up to ``max_order``. A forecast ``k`` steps after the newest anchor is
 ``sum_i w_i(k, h) D^i`` with the weights of a :class:`~hicache_sdk.basis.Basis`.
+
+Samples of a batch may be anchored at different steps (a policy that computes some samples and
+forecasts others): each sample then keeps its own newest step, order and spacing, and a forecast
+applies each sample's weights to its own rows.
 """
 
 from __future__ import annotations
@@ -67,15 +71,21 @@ class DifferenceLadder:
         self._last_step: int | None = None
         self._spacing: float | None = None
         self._feature_dtype: torch.dtype | None = None
+        # per-sample (last step, size, spacing) once samples were anchored apart; None: shared
+        self._rows: list[tuple[int, int, float | None]] | None = None
 
     @property
     def order(self) -> int:
-        """Highest order currently held; ``-1`` before the first anchor."""
+        """Highest order currently held (the lowest over samples anchored apart); ``-1`` before the first anchor."""
+        if self._rows is not None:
+            return min(size for _, size, _ in self._rows) - 1
         return self._size - 1
 
     @property
     def last_step(self) -> int | None:
-        """Step of the newest anchor."""
+        """Step of the newest anchor (the newest over samples anchored apart)."""
+        if self._rows is not None:
+            return max(last for last, _, _ in self._rows)
         return self._last_step
 
     @property
@@ -94,12 +104,19 @@ class DifferenceLadder:
             raise IndexError(f"ladder holds orders 0..{self.order}, asked for {i}")
         return self._terms[i]
 
-    def update(self, feature: torch.Tensor, step: int, *, extend: bool = True) -> None:
+    def update(
+        self, feature: torch.Tensor, step: int, *, extend: bool = True, rows: torch.Tensor | None = None
+    ) -> None:
         """Record ``feature`` computed at ``step`` as the newest anchor.
 
         With ``extend=False`` the ladder restarts from this anchor (order 0), as during warm-up.
+        With ``rows`` (a 1-D index of samples, on the host) ``feature`` holds only those samples of
+        the batch, and only their ladders move.
         """
         step = check_int("step", step)
+        if rows is not None or self._rows is not None:
+            self._update_rows(feature, step, extend, rows)
+            return
         if self._last_step is not None and step <= self._last_step:
             raise InvalidParameterError(f"anchor step must increase: got {step} after {self._last_step}")
         if self._terms is not None and feature.shape != self._terms.shape[1:]:
@@ -155,6 +172,67 @@ class DifferenceLadder:
         """The basis forecast of the feature at ``step`` (after the newest anchor), in the feature's dtype."""
         if self._terms is None or self._last_step is None or self._feature_dtype is None:
             raise RuntimeError("cannot forecast from an empty ladder: no anchor was recorded")
+        if self._rows is not None:
+            return self._forecast_rows(step, basis)
         offset = step - self._last_step
         weights = basis.weights(offset, self.order, self._spacing or 1.0)
         return weighted_sum(weights, self._terms, self._feature_dtype)
+
+    # -- samples anchored at different steps ------------------------------------------------------
+    def _row_meta(self) -> list[tuple[int, int, float | None]]:
+        if self._rows is not None:
+            return self._rows
+        assert self._terms is not None and self._last_step is not None
+        return [(self._last_step, self._size, self._spacing)] * int(self._terms.shape[1])
+
+    def _update_rows(self, feature: torch.Tensor, step: int, extend: bool, rows: torch.Tensor | None) -> None:
+        if self._terms is None:
+            raise RuntimeError("a ladder's first anchor must hold every sample (rows=None)")
+        meta = list(self._row_meta())
+        index = list(range(len(meta))) if rows is None else [int(r) for r in rows.tolist()]
+        if feature.shape[0] != len(index) or feature.shape[1:] != self._terms.shape[2:]:
+            raise InvalidParameterError(
+                f"feature of shape {tuple(feature.shape)} does not fit {len(index)} samples of "
+                f"{tuple(self._terms.shape[2:])}"
+            )
+        groups: dict[tuple[int, int], list[int]] = {}
+        for position, row in enumerate(index):
+            last, size, _ = meta[row]
+            if step <= last:
+                raise InvalidParameterError(f"anchor step must increase: got {step} after {last} (sample {row})")
+            groups.setdefault((last, size), []).append(position)
+        compute_dtype = torch.promote_types(torch.promote_types(feature.dtype, self._terms.dtype), torch.float32)
+        for (last, size), positions in groups.items():
+            grow = extend and size > 0 and self.max_order > 0
+            new_size = min(size + 1, self.max_order + 1) if grow else 1
+            spacing = float(step - last) if grow else None
+            sample_rows = torch.tensor([index[p] for p in positions], device=self._terms.device)
+            new = feature[torch.tensor(positions, device=feature.device)].to(compute_dtype)
+            old = self._terms[:, sample_rows].to(compute_dtype)
+            for i in range(new_size):
+                following = (new - old[i]) / spacing if i + 1 < new_size and spacing is not None else None
+                self._terms[i].index_copy_(0, sample_rows, new.to(self._terms.dtype))
+                if following is not None:
+                    new = following
+            for p in positions:
+                meta[index[p]] = (step, new_size, spacing)
+        self._feature_dtype = feature.dtype
+        first = meta[0]
+        if all(m == first for m in meta):  # every sample anchored alike again: back to shared bookkeeping
+            self._rows = None
+            self._last_step, self._size, self._spacing = first
+        else:
+            self._rows = meta
+            self._last_step = max(last for last, _, _ in meta)
+
+    def _forecast_rows(self, step: int, basis: Basis) -> torch.Tensor:
+        assert self._terms is not None and self._rows is not None and self._feature_dtype is not None
+        out = torch.empty(self._terms.shape[1:], dtype=self._feature_dtype, device=self._terms.device)
+        groups: dict[tuple[int, int, float | None], list[int]] = {}
+        for row, meta in enumerate(self._rows):
+            groups.setdefault(meta, []).append(row)
+        for (last, size, spacing), rows in groups.items():
+            weights = basis.weights(step - last, size - 1, spacing or 1.0)
+            index = torch.tensor(rows, device=self._terms.device)
+            out.index_copy_(0, index, weighted_sum(weights, self._terms[:size, index], self._feature_dtype))
+        return out

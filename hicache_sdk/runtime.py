@@ -14,23 +14,31 @@ from typing import Any
 import attrs
 import torch
 
-from .errors import ForecastLayoutError
+from .decision import BlockView, Decision, Reducer, StepInfo, local_reduce
+from .errors import AdapterMismatchError, ForecastLayoutError
 from .flops import flop_counter_mode
 from .policy import Policy, TokenPath
 from .state import ContextState, UnitState
 from .validation import check_int
 
-__all__ = ["DEFAULT_CONTEXT", "FlopTable", "Runtime", "UnitObserver", "UnitOutputs"]
+__all__ = ["DEFAULT_CONTEXT", "BatchRows", "FlopTable", "Runtime", "UnitObserver", "UnitOutputs"]
 
 DEFAULT_CONTEXT = "default"
 UnitOutputs = tuple[torch.Tensor, ...]
 #: ``observer(context, step, unit_key, how, outputs)`` with ``how`` one of ``"computed"``,
 #: ``"forecast"``, ``"fallback"``; called after a unit is served (for diagnostics and plots).
 UnitObserver = Callable[[str, int, str, str, UnitOutputs], None]
+#: ``batch_rows(index) -> outputs``: a unit's outputs computed for the samples in ``index`` (1-D) only.
+BatchRows = Callable[[torch.Tensor], "torch.Tensor | Sequence[torch.Tensor]"]
 
 
 def _as_tuple(value: torch.Tensor | Sequence[torch.Tensor]) -> UnitOutputs:
     return (value,) if isinstance(value, torch.Tensor) else tuple(value)
+
+
+def _batch_of(outputs: UnitOutputs) -> int:
+    """Samples in a unit's outputs (the first dimension of the first output; 1 for a scalar)."""
+    return int(outputs[0].shape[0]) if outputs and outputs[0].dim() else 1
 
 
 def _all_finite(tensors: UnitOutputs) -> bool:
@@ -51,16 +59,45 @@ class FlopTable:
     units: dict[tuple[Any, ...], dict[str, float]] = attrs.field(factory=dict)
 
 
+class _Draft:
+    """What a step that may be rejected changed, to undo it (unit counts and FLOPs saved)."""
+
+    def __init__(self, ctx: ContextState) -> None:
+        self.counts = {key: attrs.evolve(unit.counts) for key, unit in ctx.units.items()}
+        for counts in self.counts.values():
+            counts.sample_computed = list(counts.sample_computed)
+            counts.sample_forecast = list(counts.sample_forecast)
+        self.flops_saved = ctx.flops_saved
+        self.units = set(ctx.units)
+
+    def undo(self, ctx: ContextState) -> float:
+        """Restore the counts; return the FLOPs the draft had counted as saved."""
+        for key in list(ctx.units):
+            if key not in self.units:
+                del ctx.units[key]
+            else:
+                ctx.units[key].counts = self.counts[key]
+        saved, ctx.flops_saved = ctx.flops_saved - self.flops_saved, self.flops_saved
+        return saved
+
+
 class Runtime:
     """Serves cacheable units for one attached model according to one policy.
 
     Args:
-        policy: the policy deciding full steps and forecasts.
+        policy: the policy deciding what computes and what is forecast.
         cache_dtype: storage dtype of the ladders (``None``: the features' dtype).
         check_finite: recompute a unit whose forecast is not finite (costs one reduction and,
             on a GPU, one synchronisation per forecast unit).
         flops: measured FLOPs to reuse (FLOPs depend on the model, adapter and input shapes, not
             on the policy); measured on the first full step of each new input signature.
+        reduce: the reduction point of tensor statistics (see :mod:`hicache_sdk.decision`);
+            the identity in one process.
+
+    Attributes:
+        num_blocks: blocks of the attached model (every block list), set when attached.
+        observed_blocks: the adapter's :attr:`~hicache_sdk.Adapter.observed_blocks`.
+        timestep_scale: the adapter's :attr:`~hicache_sdk.Adapter.timestep_scale`.
     """
 
     def __init__(
@@ -70,10 +107,15 @@ class Runtime:
         cache_dtype: torch.dtype | None = None,
         check_finite: bool = True,
         flops: FlopTable | None = None,
+        reduce: Reducer = local_reduce,
     ) -> None:
         self.policy = policy
         self.cache_dtype = cache_dtype
         self.check_finite = check_finite
+        self.reduce = reduce
+        self.num_blocks = 0
+        self.observed_blocks = 0
+        self.timestep_scale: float | None = None
         self.contexts: dict[str, ContextState] = {}
         self.current: ContextState | None = None
         self.generations = 0
@@ -84,6 +126,12 @@ class Runtime:
         self._counter: Any = None
         self._excluded = 0.0  # FLOPs of the policy's own work in the step being measured (not model work)
         self._flops_before: float | None = None  # FLOP count when the unit now computing started
+        self._step_forecasts = 0  # units served by the policy in the current step
+        self._step_recorded = False  # whether a unit recorded an anchor in the current (non-full) step
+        self._draft: _Draft | None = None
+        self._mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (mask, its host index) of this step
+        self._watches_blocks = type(policy).on_block is not Policy.on_block
+        self._can_reject = type(policy).end_step is not Policy.end_step
         self.observers: list[UnitObserver] = []
         #: called at the start of every generation of every context (e.g. to refuse another cache)
         self.generation_checks: list[Callable[[], None]] = []
@@ -97,7 +145,7 @@ class Runtime:
         generation too; a bare loop relies on the timestep rule (a noise level above the previous
         one starts a new generation) or calls this itself. ``num_steps``, when given, is the number
         of steps (transformer calls per context) of the next generation, for policies with an
-        always-full tail when no pipeline scheduler tells it.
+        always-full tail or a guard when no pipeline scheduler tells it.
         """
         if num_steps is not None:
             check_int("num_steps", num_steps, minimum=1)
@@ -116,6 +164,8 @@ class Runtime:
             self._counter.__exit__(None, None, None)
             self._counter = None
         self._signature = None
+        self._draft = None
+        self._mask = None
         self.end_generation()
 
     @torch.compiler.disable
@@ -127,6 +177,8 @@ class Runtime:
         *,
         total_steps: int | None = None,
         step_index: int | None = None,
+        batch_size: int | None = None,
+        latents: torch.Tensor | None = None,
     ) -> None:
         """Called before a transformer forward in ``context`` at ``timestep`` (noise level).
 
@@ -135,7 +187,8 @@ class Runtime:
         level does not: Heun-style samplers evaluate a level twice), when the inputs' shapes or
         dtypes change, or when the pipeline's loop index (``step_index``, which some pipelines
         pass in their cache context) returns to 0. ``total_steps`` is the number of steps of the
-        generation when the pipeline tells it (read at the generation's first step).
+        generation when the pipeline tells it (read at the generation's first step);
+        ``batch_size`` and ``latents`` (the model's main input) are shown to the policy.
         """
         if self._ended:
             self.contexts.clear()
@@ -143,7 +196,7 @@ class Runtime:
         name = context or DEFAULT_CONTEXT
         ctx = self.contexts.get(name)
         if ctx is None:
-            ctx = self.contexts[name] = ContextState(name)
+            ctx = self.contexts[name] = ContextState(name, self.reduce)
             self._start_generation(ctx, total_steps)
         elif (
             (timestep is not None and ctx.last_timestep is not None and timestep > ctx.last_timestep)
@@ -155,22 +208,39 @@ class Runtime:
         ctx.last_timestep = timestep
         ctx.last_step_index = step_index
         ctx.signature = signature
-        ctx.full = self.policy.in_full_tail(ctx.step, ctx.total_steps) or self.policy.is_full_step(ctx.step)
-        if ctx.full:
-            ctx.full_steps += 1
-        else:
-            ctx.forecast_steps += 1
         self.current = ctx
         self._signature = signature
         self._excluded = 0.0
+        self._step_forecasts = 0
+        self._step_recorded = False
+        self._mask = None
+        if ctx.guard_reason is not None:
+            ctx.full = True
+            ctx.guarded_steps += 1
+        else:
+            sigma = None if timestep is None or not self.timestep_scale else timestep / self.timestep_scale
+            info = StepInfo(name, ctx.step, timestep, sigma, ctx.total_steps, batch_size, latents)
+            ctx.full = False  # a policy may fail open while planning
+            ctx.full = bool(self.policy.plan_step(ctx, info)) or ctx.full
+        self._draft = _Draft(ctx) if self._can_reject and not ctx.full else None
         if signature not in self.flops.model and ctx.full:
             self._counter = flop_counter_mode()
             self._counter.__enter__()
 
     @torch.compiler.disable
-    def end_step(self) -> None:
-        """Called after a transformer forward that returned (one that raised calls :meth:`abort`)."""
+    def end_step(self, output: torch.Tensor | None = None) -> bool:
+        """Called after a transformer forward that returned (one that raised calls :meth:`abort`).
+
+        Shows ``output`` (the model's main output) to the policy. Returns ``True`` when the policy
+        rejected the step: the caller runs the forward again, now with every unit computed, and
+        calls this again. The rejected draft's work is counted as overhead.
+        """
         ctx, sig = self.current, self._signature
+        if ctx is not None:
+            accepted = self.policy.end_step(ctx, output) is not False
+            if not accepted and not ctx.full and self._step_forecasts:
+                if self._redo_step(ctx):
+                    return True
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             assert sig is not None
@@ -182,8 +252,34 @@ class Runtime:
                 ctx.flops_measured = False
             else:
                 ctx.flops_total += total
+            if self._step_forecasts:
+                ctx.forecast_steps += 1
+            else:
+                ctx.full_steps += 1
         self.current = None
         self._signature = None
+        self._draft = None
+        self._mask = None
+        return False
+
+    def _redo_step(self, ctx: ContextState) -> bool:
+        """Undo a rejected draft and make the step full; ``False`` if it cannot be (anchors were recorded)."""
+        if self._step_recorded or self._draft is None:
+            ctx.guard_notes.setdefault("rejection ignored: the draft recorded anchors (a fallback)", 0)
+            ctx.guard_notes["rejection ignored: the draft recorded anchors (a fallback)"] += 1
+            return False
+        saved = self._draft.undo(ctx)
+        total = self.flops.model.get(self._signature or ())
+        if total is None:
+            ctx.flops_measured = False
+        else:
+            ctx.flops_overhead += total - saved  # what the draft forward executed
+        ctx.rejected_steps += 1
+        ctx.full = True
+        self._draft = None
+        self._step_forecasts = 0
+        self._mask = None
+        return True
 
     def _run_generation_checks(self) -> None:
         for check in self.generation_checks:
@@ -194,6 +290,7 @@ class Runtime:
         ctx.reset()
         ctx.total_steps = total_steps if total_steps is not None else self._announced_steps
         ctx.policy_state = self.policy.new_policy_state()
+        ctx.guard_reason = self.policy.guard(ctx.total_steps)
         self.generations += 1
 
     # -- units -------------------------------------------------------------------------------
@@ -204,19 +301,25 @@ class Runtime:
         *,
         streams: Sequence[str] | None = ("",),
         token_paths: Sequence[TokenPath] = (),
+        batch_rows: BatchRows | None = None,
+        block: int = -1,
+        kind: str = "block",
     ) -> UnitOutputs:
         """Outputs of the cacheable computation ``key`` at the current step.
 
         On a full step (or with nothing cached yet) ``compute()`` runs and its outputs become the
-        unit's newest anchor; on a forecast step the policy forecasts them and ``compute`` does not
-        run, unless the forecast is not finite (then it runs, counted as a fallback).
-        Outside a transformer forward ``compute()`` simply runs. ``streams`` names the outputs;
-        ``None`` takes as many unnamed streams as the first computation returns.
+        unit's newest anchor; otherwise the policy decides (:meth:`Policy.decide`): compute,
+        forecast (``compute`` does not run, unless the forecast is not finite: then it runs,
+        counted as a fallback), verify, or a per-sample mask (``batch_rows(index)`` computes the
+        unit for the samples in ``index``). Outside a transformer forward ``compute()`` simply
+        runs. ``streams`` names the outputs; ``None`` takes as many unnamed streams as the first
+        computation returns. ``block`` and ``kind`` say where the unit sits and what it computes
+        (:class:`~hicache_sdk.decision.UnitInfo`).
 
         Under ``torch.compile`` only ``compute()`` is traced: serving and recording are kept out
         of the graph, so step counters and forecast weights never cause a recompilation.
         """
-        served = self._serve(key, compute, streams, token_paths)
+        served = self._serve(key, compute, streams, token_paths, batch_rows, block, kind)
         if served is not None:
             return served
         outputs = _as_tuple(compute())
@@ -230,8 +333,11 @@ class Runtime:
         compute: Callable[[], torch.Tensor | Sequence[torch.Tensor]],
         streams: Sequence[str] | None,
         token_paths: Sequence[TokenPath],
+        batch_rows: BatchRows | None = None,
+        block: int = -1,
+        kind: str = "block",
     ) -> UnitOutputs | None:
-        """The unit's outputs if it is not computed at this step (forecast or fallback), else ``None``."""
+        """The unit's outputs if they are not computed whole at this step, else ``None``."""
         ctx = self.current
         if ctx is None:
             # a unit served outside any transformer forward: something bypasses the step hook
@@ -240,10 +346,25 @@ class Runtime:
             return None
         state = ctx.units.get(key)
         if state is None:
-            state = ctx.units[key] = UnitState(key, streams, self.policy.max_order, self.cache_dtype)
-        if ctx.full or state.empty:
+            state = ctx.units[key] = UnitState(
+                key, streams, self.policy.max_order, self.cache_dtype, block=block, kind=kind
+            )
+        decision = Decision.COMPUTE if ctx.full or state.empty else self.policy.decide(ctx, state)
+        rows: torch.Tensor | None = None
+        if isinstance(decision, torch.Tensor):
+            rows = self._rows_of(decision, state)
+            if rows.numel() == decision.numel():
+                decision = Decision.COMPUTE
+            elif rows.numel() == 0:
+                decision = Decision.FORECAST
+        if decision is Decision.COMPUTE:
             self._flops_before = self._counter.get_total_flops() if self._counter is not None else None
             return None
+        if not isinstance(decision, (Decision, torch.Tensor)):
+            raise TypeError(
+                f"policy {self.policy.name!r} decided {decision!r} for unit {key!r}; expected a Decision or a mask"
+            )
+        self._step_forecasts += 1  # a step the policy forecast in (fallbacks included) is a forecast step
         recomputed = [0]
         paths = tuple(self._counted(p, recomputed) for p in token_paths)
         outputs = self._checked_layout(state, self.policy.forecast(ctx, state, paths))
@@ -252,14 +373,70 @@ class Runtime:
             for ladder in state.ladders:  # restart from the fresh output: a non-finite ladder would fail again
                 ladder.reset()
             return self._notify(ctx, key, "fallback", self._record_outputs(ctx, state, _as_tuple(compute()), True))
+        batch = _batch_of(outputs)
         state.counts.forecast += 1
+        computed_share = self._token_fraction(state, token_paths, recomputed[0])
+        if decision is Decision.VERIFY:
+            state.counts.verified += 1
+            self.policy.verify(ctx, state, outputs, _as_tuple(compute()))
+            computed_share = 1.0
+        elif rows is not None:
+            outputs = self._mixed(ctx, state, key, outputs, rows, batch_rows)
+            computed_share = max(computed_share, rows.numel() / batch)
+        if recomputed[0] or rows is not None:
+            state.counts.partial += 1
+        state.counts.count_samples(batch, None if rows is None else rows.tolist())
         self._notify(ctx, key, "forecast", outputs)
         flops = self.flops.units.get(self._signature or (), {}).get(key)
         if flops is None:
             ctx.flops_measured = False
         else:
-            ctx.flops_saved += flops * (1.0 - self._token_fraction(state, token_paths, recomputed[0]))
+            ctx.flops_saved += flops * (1.0 - computed_share)
         return outputs
+
+    def _rows_of(self, mask: torch.Tensor, state: UnitState) -> torch.Tensor:
+        """The host index of a per-sample mask's ``True`` samples (one synchronisation per mask per step)."""
+        if self._mask is not None and self._mask[0] is mask:
+            return self._mask[1]
+        batch = state.layout[0][0][0] if state.layout and state.layout[0][0] else None
+        if mask.dtype != torch.bool or mask.dim() != 1 or (batch is not None and mask.shape[0] != batch):
+            raise TypeError(
+                f"policy {self.policy.name!r} returned a mask of {mask.dtype} {tuple(mask.shape)} for unit "
+                f"{state.key!r}; a per-sample mask is a boolean tensor of shape ({batch},)"
+            )
+        rows = mask.nonzero().flatten().cpu()
+        self._mask = (mask, rows)
+        return rows
+
+    def _mixed(
+        self,
+        ctx: ContextState,
+        state: UnitState,
+        key: str,
+        forecast: UnitOutputs,
+        rows: torch.Tensor,
+        batch_rows: BatchRows | None,
+    ) -> UnitOutputs:
+        """The forecast with the samples in ``rows`` computed on the sub-batch and recorded as anchors."""
+        if batch_rows is None:
+            raise AdapterMismatchError(
+                f"policy {self.policy.name!r} decided per sample for unit {key!r}, whose adapter cannot run "
+                "a sub-batch; use an adapter that splits batches (e.g. 'flux') or per_sample=False"
+            )
+        fresh = self._checked_rows(state, _as_tuple(batch_rows(rows.to(forecast[0].device))), rows.numel())
+        self.policy.on_computed(ctx, state, fresh, rows)
+        self._step_recorded = True
+        index = rows.to(forecast[0].device)
+        return tuple(f.index_copy(0, index, v.to(f.dtype)) for f, v in zip(forecast, fresh, strict=True))
+
+    def _checked_rows(self, state: UnitState, fresh: UnitOutputs, count: int) -> UnitOutputs:
+        want = tuple(((count, *shape[1:]), dtype, device) for shape, dtype, device in state.layout)
+        got = tuple((tuple(o.shape), o.dtype, o.device) for o in fresh)
+        if got != want:
+            raise ForecastLayoutError(
+                f"unit {state.key!r} computed on {count} samples gave {list(got)}, expected {list(want)}"
+            )
+        return fresh
 
     def _checked_layout(self, state: UnitState, outputs: Any) -> UnitOutputs:
         """``outputs`` as a tuple, if it matches the unit's computed outputs in count, shape, dtype and device.
@@ -303,9 +480,13 @@ class Runtime:
         if len(outputs) != len(state.streams):
             raise RuntimeError(f"unit {state.key!r} produced {len(outputs)} outputs for streams {state.streams}")
         state.layout = tuple((tuple(o.shape), o.dtype, o.device) for o in outputs)
-        self.policy.on_full(ctx, state, outputs)
+        self.policy.on_computed(ctx, state, outputs)
+        if not ctx.full:
+            self._step_recorded = True
         if not fallback:
             state.counts.computed += 1
+            batch = _batch_of(outputs)
+            state.counts.count_samples(batch, range(batch))
         return outputs
 
     @staticmethod
@@ -316,7 +497,7 @@ class Runtime:
             recomputed[0] += index.numel()
             return path.compute(index)
 
-        return TokenPath(compute=compute, kind=path.kind, stream=path.stream)
+        return attrs.evolve(path, compute=compute)
 
     @staticmethod
     def _token_fraction(state: UnitState, token_paths: Sequence[TokenPath], recomputed: int) -> float:
@@ -332,17 +513,23 @@ class Runtime:
         return min(1.0, recomputed / total) if total else 0.0
 
     @torch.compiler.disable
-    def observe(self, block_index: int, num_blocks: int, image_tokens: torch.Tensor) -> None:
-        """Show the policy a block's image hidden states, on full steps only.
+    def block(self, index: int, tokens_in: torch.Tensor, tokens_out: torch.Tensor) -> None:
+        """Show the policy a block's image tokens before and after it ran (adapters call this after each block).
 
-        The FLOPs the policy spends here (e.g. clustering, whose iterations vary) are counted at
-        every call, kept out of the model's FLOPs and charged against the savings.
+        Called at every step; costs nothing unless the policy overrides
+        :meth:`Policy.on_block <hicache_sdk.Policy.on_block>`. When the policy declares
+        ``block_work_flops`` (matrix work such as clustering) its FLOPs here are counted, kept out
+        of the model's FLOPs and charged against the savings.
         """
         ctx = self.current
-        if ctx is None or not ctx.full or type(self.policy).observe is Policy.observe:
+        if ctx is None or not self._watches_blocks:
+            return
+        view = BlockView(index, self.num_blocks, tokens_in, tokens_out, self.observed_blocks)
+        if not self.policy.block_work_flops:
+            self.policy.on_block(ctx, view)
             return
         with flop_counter_mode() as counter:
-            self.policy.observe(ctx, block_index, num_blocks, image_tokens)
+            self.policy.on_block(ctx, view)
         cost = float(counter.get_total_flops())
         ctx.flops_overhead += cost
         if self._counter is not None:

@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 import torch
 
+from .decision import Reducer, local_reduce
 from .ladder import DifferenceLadder
 
 __all__ = ["ContextState", "UnitCounts", "UnitState"]
@@ -15,21 +16,68 @@ __all__ = ["ContextState", "UnitCounts", "UnitState"]
 
 @attrs.define
 class UnitCounts:
-    """How one unit was served during a generation."""
+    """How one unit was served during a generation (kept by the runtime; policies read it).
+
+    Attributes:
+        computed: steps where the unit ran for every sample and recorded an anchor.
+        forecast: steps where it was served by the policy (some tokens or samples may have run).
+        partial: forecast steps where some tokens (a token path) or some samples (a mask) ran.
+        fallbacks: forecasts that were not finite and were recomputed.
+        verified: steps where it ran to check a forecast (decision ``VERIFY``).
+        sample_computed: per sample of the batch, the steps where it ran for that sample.
+        sample_forecast: per sample, the steps where it was forecast for that sample.
+    """
 
     computed: int = 0
     forecast: int = 0
-    partial: int = 0  # forecast steps where some tokens were recomputed (token-level policies)
-    fallbacks: int = 0  # forecast steps that were not finite and were recomputed
+    partial: int = 0
+    fallbacks: int = 0
+    verified: int = 0
+    sample_computed: list[int] = attrs.field(factory=list)
+    sample_forecast: list[int] = attrs.field(factory=list)
+
+    def count_samples(self, batch: int, computed: Sequence[int] | None) -> None:
+        """Add one step: ``computed`` lists the samples that ran (``None``: none ran)."""
+        if len(self.sample_computed) != batch:
+            self.sample_computed = [0] * batch
+            self.sample_forecast = [0] * batch
+        ran = set(computed or ())
+        for b in range(batch):
+            if b in ran:
+                self.sample_computed[b] += 1
+            else:
+                self.sample_forecast[b] += 1
+
+    @property
+    def samples(self) -> int:
+        """Batch size seen (0 before the first step)."""
+        return len(self.sample_computed)
 
 
 class UnitState:
-    """The ladders of one unit (one per output stream) and its counters."""
+    """The ladders of one unit (one per output stream) and its counters.
+
+    Attributes:
+        key: the unit's name; ``block`` and ``kind``: where it sits and what it computes.
+        streams: names of its outputs; ``ladders``: one :class:`~hicache_sdk.ladder.DifferenceLadder`
+            per stream (a policy forecasts from them and may edit ``ladder.term(0)``, as ClusCa does).
+        counts: a :class:`UnitCounts`; ``layout``: (shape, dtype, device) of each computed output.
+    """
 
     def __init__(
-        self, key: str, streams: Sequence[str] | None, max_order: int, storage_dtype: torch.dtype | None
+        self,
+        key: str,
+        streams: Sequence[str] | None,
+        max_order: int,
+        storage_dtype: torch.dtype | None,
+        *,
+        block: int = -1,
+        kind: str = "block",
     ) -> None:
         self.key = key
+        #: the unit's block in run order (-1: none) and what it computes (see :class:`~hicache_sdk.decision.UnitInfo`)
+        self.block = block
+        self.kind = kind
         self.max_order = max_order
         self.storage_dtype = storage_dtype
         self.streams: tuple[str, ...] = ()
@@ -60,10 +108,18 @@ class UnitState:
 
 
 class ContextState:
-    """State of one denoising context (``"cond"``, ``"uncond"`` or ``"default"``) for one generation."""
+    """State of one denoising context (``"cond"``, ``"uncond"`` or ``"default"``) for one generation.
 
-    def __init__(self, name: str) -> None:
+    What a policy reads: ``name``, ``step`` (0-based), ``full`` (the step computes every unit),
+    ``total_steps`` (or ``None``), ``units`` (key -> :class:`UnitState`), ``policy_state`` (what
+    :meth:`Policy.new_policy_state <hicache_sdk.Policy.new_policy_state>` made; the policy's own),
+    ``reduce`` (the reduction point, see :mod:`hicache_sdk.decision`). The counters are the
+    runtime's. A policy may call :meth:`fail_open`.
+    """
+
+    def __init__(self, name: str, reduce: Reducer = local_reduce) -> None:
         self.name = name
+        self.reduce = reduce
         self.reset()
 
     def reset(self) -> None:
@@ -82,6 +138,18 @@ class ContextState:
         self.flops_saved = 0.0
         self.flops_overhead = 0.0  # the policy's own work (e.g. clustering), counted against the savings
         self.flops_measured = True
+        self.guard_reason: str | None = None  # the whole generation computes (Policy.guard)
+        self.guard_notes: dict[str, int] = {}  # fail-open reasons and how many steps each
+        self.guarded_steps = 0
+        self.rejected_steps = 0  # steps whose draft the policy rejected and that ran again in full
+
+    def fail_open(self, reason: str) -> None:
+        """Compute every remaining unit of this step, and say why in the run summary."""
+        if not self.full:
+            self.full = True
+            self.guarded_steps += 1
+        self.guard_notes.setdefault(reason, 0)
+        self.guard_notes[reason] += 1
 
     @property
     def steps(self) -> int:

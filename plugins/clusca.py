@@ -16,9 +16,10 @@ import torch
 
 from hicache_sdk.adapter import Adapter
 from hicache_sdk.clustering import kmeans_l1, one_token_per_cluster
+from hicache_sdk.decision import BlockView
 from hicache_sdk.errors import InvalidParameterError
 from hicache_sdk.ladder import DifferenceLadder
-from hicache_sdk.policy import Policy, ScheduleConfig, TokenPath, interval_field, order_field
+from hicache_sdk.policy import IntervalPolicy, ScheduleConfig, TokenPath, interval_field, order_field
 from hicache_sdk.state import ContextState, UnitState
 from hicache_sdk.validation import attrs_validator, check_int, check_real
 
@@ -67,12 +68,13 @@ class ClusterState:
         return sum(t.numel() * t.element_size() for t in held)
 
 
-class ClusCa(Policy):
+class ClusCa(IntervalPolicy):
     """ClusCa: clustered token refresh of the image MLPs on top of any basis forecast."""
 
     name = "clusca"
     Config = ClusCaConfig
     needs_token_paths = True
+    block_work_flops = True
 
     def new_policy_state(self) -> ClusterState:
         return ClusterState(self.config.seed)
@@ -88,31 +90,31 @@ class ClusCa(Policy):
                 f"({num_blocks} clustering blocks), got {chosen}"
             )
 
-    def observe(self, ctx: ContextState, block_index: int, num_blocks: int, image_tokens: torch.Tensor) -> None:
+    def on_block(self, ctx: ContextState, view: BlockView) -> None:
+        """At full steps, cluster the image tokens leaving the chosen block."""
+        if not ctx.full or view.index >= view.observed_blocks:
+            return
         chosen = self.config.cluster_block
-        self._check_cluster_block(num_blocks)
-        if block_index != chosen % num_blocks:
+        self._check_cluster_block(view.observed_blocks)
+        if view.index != chosen % view.observed_blocks:
             return
         state: ClusterState = ctx.policy_state
         state.labels, state.centroids = kmeans_l1(
-            image_tokens.detach(),
+            view.tokens_out.detach(),
             self.config.num_clusters,
             iterations=self.config.kmeans_iterations,
             init=state.centroids,
-            generator=state.rng(image_tokens.device),
+            generator=state.rng(view.tokens_out.device),
         )
 
     def forecast(
         self, ctx: ContextState, unit: UnitState, token_paths: tuple[TokenPath, ...]
     ) -> tuple[torch.Tensor, ...]:
         paths = {p.stream: p for p in token_paths}
-        refreshed = False
         for stream, ladder in zip(unit.streams, unit.ladders, strict=True):
             path = paths.get(stream)
             if path is not None:
-                refreshed |= self._refresh(ctx.policy_state, ladder, path)
-        if refreshed:
-            unit.counts.partial += 1
+                self._refresh(ctx.policy_state, ladder, path)
         return super().forecast(ctx, unit, token_paths)
 
     def _refresh(self, state: ClusterState, ladder: DifferenceLadder, path: TokenPath) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import attrs
 
 from hicache_sdk import hookimpl
-from hicache_sdk.policy import Policy, ScheduleConfig, interval_field, order_field, warmup_field
+from hicache_sdk.policy import IntervalPolicy, Policy, ScheduleConfig, interval_field, order_field, warmup_field
 
 __all__ = ["Fora", "ForaConfig", "TaylorSeer", "TaylorSeerConfig"]
 
@@ -24,7 +24,7 @@ class ForaConfig(ScheduleConfig):
     warmup: int = warmup_field(1)
 
 
-class Fora(Policy):
+class Fora(IntervalPolicy):
     """FORA: plain reuse of each unit's newest computed output."""
 
     name = "fora"
@@ -42,7 +42,7 @@ class TaylorSeerConfig(ScheduleConfig):
     max_order: int = order_field(1)
 
 
-class TaylorSeer(Policy):
+class TaylorSeer(IntervalPolicy):
     """TaylorSeer: forecast every unit from its finite-difference ladder with the chosen basis."""
 
     name = "taylorseer"

@@ -34,7 +34,7 @@ __all__ = ["FullRunOverhead", "SdkClock", "StepShare", "all_full_overhead", "ste
 
 Generate = Callable[[DigitsModel], torch.Tensor]
 #: the runtime's entry points, timed by :class:`SdkClock`
-ENTRY_POINTS = ("begin_step", "end_step", "_serve", "_record", "observe")
+ENTRY_POINTS = ("begin_step", "end_step", "_serve", "_record", "block")
 
 
 @attrs.frozen
@@ -107,7 +107,7 @@ class SdkClock:
                 finally:
                     self._model_work += time.perf_counter() - start
 
-            return TokenPath(compute=compute, kind=path.kind, stream=path.stream)
+            return attrs.evolve(path, compute=compute)
 
         return tuple(clocked(p) for p in paths)
 
