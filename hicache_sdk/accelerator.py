@@ -12,6 +12,7 @@ import torch
 from .adapter import Adapter
 from .basis import Basis
 from .coexistence import check_no_other_cache, enable_cache_guard
+from .decision import Reducer, local_reduce
 from .errors import AdapterMismatchError, AlreadyAttachedError, InvalidParameterError, did_you_mean
 from .hooks import StepsProvider, attach_block_forward, attach_step_hook, detach_all, refresh_registry_caches
 from .policy import Policy
@@ -78,12 +79,17 @@ class Accelerator:
         """E.g. ``taylorseer[hermite(sigma=0.5)](interval=7, warmup=3, schedule='reference', max_order=2)``."""
         return self.policy_cls(self.config, self.basis).tag
 
-    def apply(self, target: Any) -> CacheHandle:
+    def apply(self, target: Any, *, reduce: Reducer = local_reduce) -> CacheHandle:
         """Attach to a pipeline (its ``transformer``) or a transformer; return the handle.
 
         Applied to a pipeline, the accelerator also reads the number of steps of each generation
-        from the pipeline's scheduler (for an always-full ``tail``); applied to a bare transformer,
-        a loop that uses ``tail`` announces it with :meth:`CacheHandle.reset`.
+        from the pipeline's scheduler (for an always-full ``tail`` or a few-step guard); applied to
+        a bare transformer, a loop that uses them announces it with :meth:`CacheHandle.reset`.
+
+        ``reduce`` is the reduction point of the policy's statistics
+        (:mod:`hicache_sdk.decision`): it sums a local statistic over every process holding a
+        shard of the tokens, so that all of them take the same decision. The default, for one
+        process, returns the statistic unchanged.
 
         Raises:
             AlreadyAttachedError: the model already has an accelerator (remove it first).
@@ -126,7 +132,9 @@ class Accelerator:
             )
         policy.check_adapter(adapter)
         flops = _FLOP_TABLES.setdefault(model, {}).setdefault(adapter.name, FlopTable())
-        runtime = Runtime(policy, cache_dtype=self.cache_dtype, check_finite=self.check_finite, flops=flops)
+        runtime = Runtime(
+            policy, cache_dtype=self.cache_dtype, check_finite=self.check_finite, flops=flops, reduce=reduce
+        )
         runtime.generation_checks.append(lambda: check_no_other_cache(model, policy.tag))
         runtime.observed_blocks = adapter.observed_blocks
         runtime.timestep_scale = adapter.timestep_scale

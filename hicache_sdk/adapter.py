@@ -62,10 +62,11 @@ class Adapter(abc.ABC):
 
     @property
     def observed_blocks(self) -> int:
-        """How many blocks show their image hidden states to the policy (:meth:`Runtime.observe`).
+        """How many leading blocks (in run order) token-level policies index, e.g. ClusCa's ``cluster_block``.
 
-        Policies that cluster tokens (ClusCa's ``cluster_block``) index these blocks; 0 when the
-        adapter calls ``observe`` nowhere.
+        Their image tokens reach the policy through :meth:`Runtime.block` like every block's; this
+        count says which of them a clustering policy may choose (Flux: the double-stream blocks).
+        0 when the adapter offers none.
         """
         return 0
 

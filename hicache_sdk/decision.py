@@ -9,7 +9,8 @@ A policy decides at three points of a step (see :class:`~hicache_sdk.Policy`):
 3. per unit, returning a :class:`Decision` or a per-sample mask.
 
 Every statistic computed from tensor values goes through one reduction point (a :data:`Reducer`)
-before it is compared with a threshold, so that several processes holding shards of the tokens
+before it is compared with a threshold (:meth:`DynamicPolicy.relative_change
+<hicache_sdk.policy.DynamicPolicy.relative_change>` does it), so that several processes holding shards of the tokens
 take the same decision. In one process the reducer is the identity.
 """
 
@@ -29,7 +30,6 @@ __all__ = [
     "UnitDecision",
     "UnitInfo",
     "local_reduce",
-    "relative_l1",
 ]
 
 
@@ -38,8 +38,9 @@ class Decision(enum.Enum):
 
     ``COMPUTE``: run it (its outputs become a new anchor). ``FORECAST``: serve the policy's
     forecast; the unit does not run. ``VERIFY``: run it *and* forecast it, show both to
-    :meth:`Policy.verify <hicache_sdk.Policy.verify>`, serve the computed outputs without
-    recording them as an anchor (a verifier, e.g. SpeCa's); its FLOPs are not saved.
+    :meth:`Policy.verify <hicache_sdk.Policy.verify>` and serve the forecast (the draft, as
+    SpeCa's reference code does); the computed outputs are not recorded as an anchor and the
+    unit's FLOPs are not saved.
     """
 
     COMPUTE = "compute"
@@ -47,13 +48,15 @@ class Decision(enum.Enum):
     VERIFY = "verify"
 
 
-#: A unit decision: a :class:`Decision`, or a boolean tensor of shape ``(batch,)`` whose ``True``
-#: samples are computed (on the sub-batch, when the adapter can split a batch) and whose ``False``
-#: samples are forecast.
 UnitDecision = Decision | torch.Tensor
+"""A unit decision: a :class:`Decision`, or a boolean tensor of shape ``(batch,)`` whose ``True``
+samples are computed (on the sub-batch, when the adapter can split a batch) and whose ``False``
+samples are forecast."""
 
-#: ``reduce(local) -> global``: sums a statistic over every process that holds a shard of the tokens.
 Reducer = Callable[[torch.Tensor], torch.Tensor]
+"""``reduce(local) -> global``: sums a statistic over every process that holds a shard of the tokens
+(elementwise, the same shape back). A policy reduces sums (not means), numerator and denominator
+stacked in one tensor, so the ratio it forms afterwards is the global one."""
 
 
 def local_reduce(statistic: torch.Tensor) -> torch.Tensor:
@@ -119,23 +122,3 @@ class BlockView:
     tokens_in: torch.Tensor = attrs.field(repr=False)
     tokens_out: torch.Tensor = attrs.field(repr=False)
     observed_blocks: int = 0
-
-
-def relative_l1(
-    value: torch.Tensor, reference: torch.Tensor, reduce: Reducer = local_reduce, *, per_sample: bool = False
-) -> torch.Tensor:
-    """``sum|value - reference| / sum|reference|`` through the reduction point, in float32.
-
-    The numerator and the denominator are reduced together (one call of ``reduce`` on a stacked
-    tensor), so with token shards on several processes the ratio is the global one. With
-    ``per_sample`` the sums run over every dimension but the first and the result has shape
-    ``(batch,)``; otherwise it is a scalar. No host synchronisation happens here.
-    """
-    diff = (value.float() - reference.float()).abs()
-    ref = reference.float().abs()
-    if per_sample:
-        sums = torch.stack([diff.flatten(1).sum(1), ref.flatten(1).sum(1)])
-    else:
-        sums = torch.stack([diff.sum(), ref.sum()])
-    sums = reduce(sums)
-    return sums[0] / sums[1].clamp_min(torch.finfo(torch.float32).tiny)

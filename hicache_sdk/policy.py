@@ -19,7 +19,7 @@ from .decision import BlockView, Decision, StepInfo, UnitDecision
 from .errors import InvalidParameterError, did_you_mean
 from .schedule import SCHEDULES, Schedule, is_full_step
 from .state import ContextState, UnitState
-from .validation import attrs_validator, check_int, check_real
+from .validation import attrs_validator, check_bool, check_int, check_real
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -128,7 +128,7 @@ class Policy(abc.ABC):
        the runtime then runs the transformer again with every unit computed (SpeCa's rejection).
 
     Decisions are cheap and deterministic: a policy reads tensor statistics through the context's
-    reduction point (``ctx.reduce``, see :func:`~hicache_sdk.decision.relative_l1`) and turns them into
+    reduction point (``ctx.reduce``, see :meth:`DynamicPolicy.relative_change`) and turns them into
     a Python ``bool`` at most once per decision point (one host synchronisation on a GPU), or
     returns a per-sample mask tensor that the runtime turns into a sub-batch once per step.
 
@@ -329,7 +329,7 @@ class DynamicConfig:
     warmup: int = warmup_field(8)
     tail: int = tail_field()
     max_order: int = order_field(1)
-    guard: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    guard: bool = attrs.field(default=True, validator=attrs_validator(check_bool))
     min_steps: int = attrs.field(default=16, validator=attrs_validator(check_int, minimum=1))
     noise_floor: float = attrs.field(default=1e-6, validator=attrs_validator(check_real, low=0.0))
 

@@ -1,8 +1,9 @@
 """The runtime an adapter talks to: step tracking per context, unit serving, counting.
 
 The adapter's block forwards call :meth:`Runtime.unit` for every cacheable computation and
-:meth:`Runtime.observe` where a policy may want to see image tokens. A model-level hook calls
-:meth:`Runtime.begin_step` / :meth:`Runtime.end_step` around every transformer forward.
+:meth:`Runtime.block` after every block (its image tokens in and out, the policy's probe). A
+model-level hook calls :meth:`Runtime.begin_step` / :meth:`Runtime.end_step` around every
+transformer forward, and runs the forward again when the policy rejects a drafted step.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ class Runtime:
         name = context or DEFAULT_CONTEXT
         ctx = self.contexts.get(name)
         if ctx is None:
-            ctx = self.contexts[name] = ContextState(name, self.reduce)
+            ctx = self.contexts[name] = ContextState(name, self.reduce, self.num_blocks)
             self._start_generation(ctx, total_steps)
         elif (
             (timestep is not None and ctx.last_timestep is not None and timestep > ctx.last_timestep)
@@ -353,10 +354,9 @@ class Runtime:
         rows: torch.Tensor | None = None
         if isinstance(decision, torch.Tensor):
             rows = self._rows_of(decision, state)
-            if rows.numel() == decision.numel():
-                decision = Decision.COMPUTE
-            elif rows.numel() == 0:
-                decision = Decision.FORECAST
+            if rows.numel() in (0, decision.numel()):  # one kind of sample: a whole-unit decision
+                decision = Decision.FORECAST if rows.numel() == 0 else Decision.COMPUTE
+                rows = None
         if decision is Decision.COMPUTE:
             self._flops_before = self._counter.get_total_flops() if self._counter is not None else None
             return None

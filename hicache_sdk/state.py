@@ -111,15 +111,17 @@ class ContextState:
     """State of one denoising context (``"cond"``, ``"uncond"`` or ``"default"``) for one generation.
 
     What a policy reads: ``name``, ``step`` (0-based), ``full`` (the step computes every unit),
+    ``num_blocks`` (blocks of the model, as the adapter binds them),
     ``total_steps`` (or ``None``), ``units`` (key -> :class:`UnitState`), ``policy_state`` (what
     :meth:`Policy.new_policy_state <hicache_sdk.Policy.new_policy_state>` made; the policy's own),
     ``reduce`` (the reduction point, see :mod:`hicache_sdk.decision`). The counters are the
     runtime's. A policy may call :meth:`fail_open`.
     """
 
-    def __init__(self, name: str, reduce: Reducer = local_reduce) -> None:
+    def __init__(self, name: str, reduce: Reducer = local_reduce, num_blocks: int = 0) -> None:
         self.name = name
         self.reduce = reduce
+        self.num_blocks = num_blocks
         self.reset()
 
     def reset(self) -> None:

@@ -21,6 +21,10 @@ class UnitSummary:
     forecast: int
     partial: int
     fallbacks: int
+    verified: int = 0
+    #: per sample of the batch (in the first context's batch order), steps computed / forecast
+    sample_computed: tuple[int, ...] = ()
+    sample_forecast: tuple[int, ...] = ()
 
 
 @attrs.frozen
@@ -37,7 +41,9 @@ class RunSummary:
             ClusCa's clustering); ``nan`` if not measured.
         cache_bytes: bytes held by the ladders (and policy state) of all contexts.
         fallbacks: forecasts that were not finite and were recomputed.
-        notes: remarks (e.g. the generic adapter chosen automatically).
+        notes: remarks (e.g. the generic adapter chosen automatically, a guard that failed open).
+        guarded_steps: steps the policy's guard made full (few-step schedules, unreadable signals).
+        rejected_steps: drafted steps the policy rejected and the runtime ran again in full.
     """
 
     policy: str
@@ -52,6 +58,8 @@ class RunSummary:
     cache_bytes: int
     fallbacks: int
     notes: tuple[str, ...] = ()
+    guarded_steps: int = 0
+    rejected_steps: int = 0
 
     @property
     def flops_speedup(self) -> float:
@@ -70,17 +78,23 @@ class RunSummary:
             f"FLOPs    {self.flops_saved_fraction:.1%} saved, {self.flops_speedup:.2f}x",
             f"cache    {self.cache_bytes / 2**20:.2f} MiB",
             f"fallbacks {self.fallbacks}",
+            f"guarded  {self.guarded_steps} steps, rejected {self.rejected_steps} drafts",
             *[f"note     {n}" for n in self.notes],
         ]
         width = max([len(u.key) for u in self.units] + [4])
-        rows = [f"{'unit':<{width}}  computed  forecast  partial  fallbacks"]
+        rows = [f"{'unit':<{width}}  computed  forecast  partial  fallbacks  verified"]
         rows += [
-            f"{u.key:<{width}}  {u.computed:>8}  {u.forecast:>8}  {u.partial:>7}  {u.fallbacks:>9}" for u in self.units
+            f"{u.key:<{width}}  {u.computed:>8}  {u.forecast:>8}  {u.partial:>7}  {u.fallbacks:>9}  {u.verified:>8}"
+            for u in self.units
         ]
         return "\n".join([*head, "", *rows])
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _added(a: list[int], b: list[int]) -> list[int]:
+    return [x + y for x, y in zip(a, b, strict=True)]
 
 
 def summarize(
@@ -89,13 +103,24 @@ def summarize(
     """Aggregate per-context states into one :class:`RunSummary`."""
     units: dict[str, list[int]] = {}
     streams: dict[str, tuple[str, ...]] = {}
+    samples: dict[str, list[list[int]]] = {}
     for ctx in contexts:
         for key, unit in ctx.units.items():
             c = unit.counts
-            acc = units.setdefault(key, [0, 0, 0, 0])
-            for i, v in enumerate((c.computed, c.forecast, c.partial, c.fallbacks)):
+            acc = units.setdefault(key, [0, 0, 0, 0, 0])
+            for i, v in enumerate((c.computed, c.forecast, c.partial, c.fallbacks, c.verified)):
                 acc[i] += v
             streams[key] = unit.streams
+            if key not in samples:
+                samples[key] = [list(c.sample_computed), list(c.sample_forecast)]
+            elif len(samples[key][0]) == len(c.sample_computed):  # contexts of one batch size add up
+                samples[key] = [_added(samples[key][0], c.sample_computed), _added(samples[key][1], c.sample_forecast)]
+    notes_of = dict.fromkeys(notes)
+    for ctx in contexts:
+        if ctx.guard_reason is not None:
+            notes_of[f"{ctx.name}: {ctx.guard_reason}"] = None
+        for reason, count in ctx.guard_notes.items():
+            notes_of[f"{ctx.name}: {reason} ({count} steps)"] = None
     total = sum(c.flops_total for c in contexts)
     measured = all(c.flops_measured for c in contexts) and total > 0
     return RunSummary(
@@ -106,9 +131,24 @@ def summarize(
         steps=max((c.steps for c in contexts), default=0),
         full_steps=max((c.full_steps for c in contexts), default=0),
         forecast_steps=max((c.forecast_steps for c in contexts), default=0),
-        units=tuple(UnitSummary(k, streams[k], *v) for k, v in units.items()),
+        units=tuple(
+            UnitSummary(
+                key=k,
+                streams=streams[k],
+                computed=v[0],
+                forecast=v[1],
+                partial=v[2],
+                fallbacks=v[3],
+                verified=v[4],
+                sample_computed=tuple(samples[k][0]),
+                sample_forecast=tuple(samples[k][1]),
+            )
+            for k, v in units.items()
+        ),
         flops_saved_fraction=sum(c.flops_saved - c.flops_overhead for c in contexts) / total if measured else math.nan,
         cache_bytes=sum(c.nbytes for c in contexts),
         fallbacks=sum(v[3] for v in units.values()),
-        notes=notes,
+        notes=tuple(notes_of),
+        guarded_steps=max((c.guarded_steps for c in contexts), default=0),
+        rejected_steps=max((c.rejected_steps for c in contexts), default=0),
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import InvalidParameterError
 
-__all__ = ["check_int", "check_real"]
+__all__ = ["check_bool", "check_int", "check_real"]
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -20,6 +20,13 @@ def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int
         raise InvalidParameterError(f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
         raise InvalidParameterError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool``; raise otherwise (``1`` and ``"yes"`` are refused)."""
+    if not isinstance(value, bool):
+        raise InvalidParameterError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -41,8 +48,8 @@ def check_real(
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
     if below or above:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
         raise InvalidParameterError(f"{name} must be in {left}{lo}, {hi}{right}, got {value:g}")

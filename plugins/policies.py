@@ -1,4 +1,5 @@
-"""Built-in interval policies: ``fora`` (reuse) and ``taylorseer`` (forecast with any basis)."""
+"""Built-in policies: ``fora`` and ``taylorseer`` here; ``clusca``, ``first_block``, ``easycache``,
+``speca`` and ``pab`` in modules of their own. All are registered by this module's hook."""
 
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ class TaylorSeer(IntervalPolicy):
 @hookimpl
 def hicache_register_policies(register: Callable[[type[Policy]], None]) -> None:
     from .clusca import ClusCa
+    from .easycache import EasyCache
+    from .first_block import FirstBlock
+    from .pab import PyramidAttentionBroadcast
+    from .speca import SpeCa
 
-    for policy in (Fora, TaylorSeer, ClusCa):
+    for policy in (Fora, TaylorSeer, ClusCa, FirstBlock, EasyCache, SpeCa, PyramidAttentionBroadcast):
         register(policy)

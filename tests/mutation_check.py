@@ -265,6 +265,63 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_api_errors.py",),
         "a forecast of the wrong shape, dtype or device is broadcast into the model",
     ),
+    # -- the decision API: per-sample masks, rejected drafts, dynamic policies --------------------
+    Mutant(
+        "mask-of-one-kind-runs-a-sub-batch",
+        "hicache_sdk/runtime.py",
+        "                rows = None\n",
+        "",
+        ("tests/test_policy_contract.py",),
+        "a per-sample mask whose samples all agree still runs a (possibly empty) sub-batch",
+    ),
+    Mutant(
+        "rejected-draft-not-charged",
+        "hicache_sdk/runtime.py",
+        "ctx.flops_overhead += total - saved  # what the draft forward executed",
+        "ctx.flops_overhead += 0.0",
+        ("tests/test_dynamic_policies.py",),
+        "a rejected draft's work is not charged against the savings",
+    ),
+    Mutant(
+        "sample-ladders-share-the-anchor-step",
+        "hicache_sdk/ladder.py",
+        "weights = basis.weights(step - last, size - 1, spacing or 1.0)",
+        "weights = basis.weights(step - self._last_step, size - 1, spacing or 1.0)",
+        ("tests/test_dynamic_policies.py",),
+        "samples anchored at different steps are all forecast from the newest anchor's step",
+    ),
+    Mutant(
+        "first-block-reference-follows-every-step",
+        "plugins/first_block.py",
+        "            state.decision = Decision.FORECAST\n            state.consecutive += 1",
+        "            state.decision = Decision.FORECAST\n            state.consecutive += 1\n            state.reference = residual",
+        ("tests/test_dynamic_policies.py",),
+        "first_block compares with the previous step's probe instead of the last computed step's",
+    ),
+    Mutant(
+        "guard-ignores-the-step-count",
+        "hicache_sdk/policy.py",
+        "if c.guard and total_steps is not None and total_steps < c.min_steps:",
+        "if False:",
+        ("tests/test_dynamic_policies.py",),
+        "the few-step guard never fails open",
+    ),
+    Mutant(
+        "speca-verifies-every-block",
+        "plugins/speca.py",
+        "if state.verifying and unit.block >= 0 and self._is_verifier(unit.block, ctx):",
+        "if state.verifying:",
+        ("tests/test_dynamic_policies.py",),
+        "speca runs every unit as a verifier (no FLOPs saved)",
+    ),
+    Mutant(
+        "pab-ignores-the-unit-kind",
+        "plugins/pab.py",
+        "if start is None or (ctx.step - start) % self.interval_of(unit.kind) == 0:",
+        "if start is None or (ctx.step - start) % self.config.attention_interval == 0:",
+        ("tests/test_dynamic_policies.py",),
+        "pab broadcasts every unit at the attention interval",
+    ),
 )
 
 

@@ -296,12 +296,12 @@ def test_sigma_is_keyword_only_and_frozen(cls: Any) -> None:
 @pytest.mark.parametrize(
     ("offset", "order", "spacing", "expected"),
     [
-        (0, 1, 1.0, r"offset must be in \(0, inf\], got 0"),
-        (-1, 1, 1.0, r"offset must be in \(0, inf\], got -1"),
+        (0, 1, 1.0, r"offset must be in \(0, inf\), got 0"),
+        (-1, 1, 1.0, r"offset must be in \(0, inf\), got -1"),
         (1, -1, 1.0, "order must be >= 0, got -1"),
         (1, 1.5, 1.0, r"order must be an integer, got 1.5 \(float\)"),
-        (1, 1, 0, r"spacing must be in \(0, inf\], got 0"),
-        (1, 1, -3, r"spacing must be in \(0, inf\], got -3"),
+        (1, 1, 0, r"spacing must be in \(0, inf\), got 0"),
+        (1, 1, -3, r"spacing must be in \(0, inf\), got -3"),
     ],
 )
 @pytest.mark.parametrize("basis", [TaylorBasis(), HermiteBasis(), ScaledTaylorBasis(), NewtonBasis()], ids=str)

@@ -282,12 +282,18 @@ def test_summary_is_typed_and_prints_as_a_table(model: FluxTransformer2DModel, i
     assert summary.flops_speedup == pytest.approx(1.0 / (1.0 - summary.flops_saved_fraction))
     text = str(summary)
     assert text == summary.table()
-    for line in ("steps    7 (3 full, 4 forecast)", "adapter  flux", "fallbacks 0", "contexts default"):
+    for line in (
+        "steps    7 (3 full, 4 forecast)",
+        "adapter  flux",
+        "fallbacks 0",
+        "contexts default",
+        "guarded  0 steps, rejected 0 drafts",
+    ):
         assert line in text
     assert f"FLOPs    {summary.flops_saved_fraction:.1%} saved" in text
     rows = [line.split() for line in text.splitlines() if line.startswith("transformer_blocks.0.")]
     assert rows == [
-        [key, "3", "4", "0", "0"]
+        [key, "3", "4", "0", "0", "0"]  # computed, forecast, partial, fallbacks, verified
         for key in ("transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context")
     ]
 

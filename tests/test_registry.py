@@ -497,11 +497,11 @@ def test_parameter_for_nobody_gets_did_you_mean() -> None:
 @pytest.mark.parametrize(
     ("offset", "order", "spacing", "expected"),
     [
-        (0.0, 2, 1.0, r"offset must be in \(0, inf\], got 0"),
+        (0.0, 2, 1.0, r"offset must be in \(0, inf\), got 0"),
         (1, -1, 1.0, r"order must be >= 0, got -1"),
         (1, 2.0, 1.0, r"order must be an integer, got 2.0 \(float\)"),
-        (1, 2, 0.0, r"spacing must be in \(0, inf\], got 0"),
-        (1, 2, -0.5, r"spacing must be in \(0, inf\], got -0.5"),
+        (1, 2, 0.0, r"spacing must be in \(0, inf\), got 0"),
+        (1, 2, -0.5, r"spacing must be in \(0, inf\), got -0.5"),
     ],
 )
 @pytest.mark.parametrize("name", ["taylor", "hermite", "scaled_taylor", "newton"])
