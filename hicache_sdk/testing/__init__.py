@@ -1,4 +1,11 @@
-"""Contract tests for plugin authors: the checks hicache-sdk runs on every registered basis.
+"""Contract tests for plugin authors: the checks hicache-sdk runs on every registered basis and policy.
+
+Policies: :func:`check_policy_contract` (or the :class:`PolicyContract` pytest mixin) runs a policy,
+by registered name or class, on tiny random-weight Flux models and checks every rule: it caches, it
+is exact in its no-cache setting, its summary and FLOPs agree with torch's FlopCounterMode,
+``remove()`` restores the model, CFG contexts are isolated, runs are deterministic, batches work,
+non-finite forecasts fall back, and bad configs are refused. Each rule is also a ``check_*``
+function. Bases, below.
 
 Run them on your own basis as a plain function, with or without pytest::
 
@@ -37,16 +44,48 @@ from .basis_contract import (
     check_reset_equals_fresh,
     check_weights,
 )
+from .policy_contract import (
+    DEFAULT_STEPS,
+    PolicyContract,
+    PolicyLike,
+    caching_params,
+    check_bad_config_refused,
+    check_batches,
+    check_caches,
+    check_contexts_isolated,
+    check_deterministic,
+    check_exact_without_caching,
+    check_non_finite_fallback,
+    check_policy_contract,
+    check_remove_restores,
+    check_summary_and_flops,
+    no_cache_params,
+)
 
 __all__ = [
+    "DEFAULT_STEPS",
     "BasisContract",
+    "PolicyContract",
+    "PolicyLike",
+    "caching_params",
+    "check_bad_config_refused",
     "check_basis_contract",
     "check_basis_identity",
     "check_basis_properties",
+    "check_batches",
+    "check_caches",
+    "check_contexts_isolated",
+    "check_deterministic",
+    "check_exact_without_caching",
     "check_finite_forecasts",
     "check_forecast_layout",
     "check_invalid_arguments_rejected",
     "check_linear_in_ladder",
+    "check_non_finite_fallback",
+    "check_policy_contract",
+    "check_remove_restores",
     "check_reset_equals_fresh",
+    "check_summary_and_flops",
     "check_weights",
+    "no_cache_params",
 ]
