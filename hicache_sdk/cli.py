@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default %(default)s)")
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    _frontier_parser(sub)
+
     run = sub.add_parser("run", help="generate digits with one method, save PNGs, print its summary")
     _common(run, out="hicache-run")
     run.add_argument("--policy", default="taylorseer", help="registered policy (default %(default)s)")
@@ -123,6 +125,82 @@ def build_parser() -> argparse.ArgumentParser:
     traj.add_argument("--policy", default="taylorseer", help="policy of the forecasts (default %(default)s)")
     _setting_flags(traj)
     return parser
+
+
+#: ``hicache frontier``'s other libraries' series (``hicache_sdk.bench.frontier.BASELINE_SWEEP``)
+FRONTIER_BASELINES = ("diffusers-first-block", "diffusers-magcache", "diffusers-taylorseer", "cache-dit")
+#: ``hicache frontier``'s sample settings: the default sweep's, and ``--quick``'s
+_FRONTIER_DEFAULTS = {"steps": 50, "digits": list(range(10)), "seeds_per_digit": 1, "repeats": 3}
+_FRONTIER_QUICK = {"steps": 20, "digits": [3, 8], "seeds_per_digit": 1, "repeats": 2}
+
+
+def _frontier_parser(sub: Any) -> None:
+    frontier = sub.add_parser(
+        "frontier",
+        help="error against FLOPs and wall speedup: each policy x basis swept over its speed knob, beside "
+        "diffusers' and cache-dit's caches",
+        description="Sweep each policy x basis over its speed knob (interval N, or threshold) on the embedded model, "
+        "beside diffusers' First Block Cache, MagCache and TaylorSeer and cache-dit's DBCache + TaylorSeer, "
+        "and write frontier.json, frontier.md and frontier.png (rel. L2 against counted FLOPs speedup and against "
+        "wall speedup). Cost: every point is one FLOP-counting generation plus one per repeat. The default sweep "
+        "(fora and pab; taylorseer, clusca, first_block, easycache and speca with the taylor, hermite and newton "
+        "bases; 4 knob values each; 16 points of the other libraries; 50 steps, 10 samples, 3 repeats) is 85 "
+        "points x 4 generations: 45 minutes on a 2-core x86_64 CPU shared with other jobs (load 4 to 8), less "
+        "on an idle one. --quick (taylor basis only, 2 values per series, 20 steps, 2 samples, 2 repeats: 23 "
+        "points) is a smoke test: about 7 minutes there.",
+    )
+    frontier.add_argument("--steps", type=int, help="denoising steps (default 50; 20 with --quick)")
+    frontier.add_argument("--seed", type=int, default=0, help="first sample seed (default %(default)s)")
+    frontier.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default %(default)s)")
+    frontier.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    frontier.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="model dtype (default %(default)s)",
+    )
+    frontier.add_argument(
+        "--out", type=Path, default=Path("hicache-frontier"), help="output folder (default %(default)s)"
+    )
+    frontier.add_argument(
+        "--model", type=Path, help="digits-DiT weights file (default: the shipped one; see hicache_sdk.models.train)"
+    )
+    frontier.add_argument("--repeats", type=int, help="interleaved timing repeats (default 3; 2 with --quick)")
+    frontier.add_argument("--seeds-per-digit", type=int, help="samples per digit (default 1; 1 with --quick)")
+    frontier.add_argument("--digits", type=int, nargs="+", help="digits to draw (default 0-9; 3 8 with --quick)")
+    frontier.add_argument(
+        "--policies",
+        nargs="+",
+        metavar="POLICY",
+        help="this SDK's policies to sweep (default: fora, taylorseer, clusca, first_block, easycache, speca, pab; "
+        "those not registered are skipped with a note)",
+    )
+    frontier.add_argument(
+        "--bases",
+        nargs="+",
+        metavar="BASIS",
+        help="bases of the policies that forecast (default: taylor hermite newton; taylor with --quick); "
+        "policies that only reuse (fora, pab at m = 0) run once",
+    )
+    frontier.add_argument(
+        "--knob-values",
+        nargs="+",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="knob values of a policy or baseline instead of the defaults, e.g. taylorseer=3,5,8 "
+        "diffusers-magcache=0.1,0.3",
+    )
+    others = frontier.add_mutually_exclusive_group()
+    others.add_argument(
+        "--baselines",
+        nargs="+",
+        choices=FRONTIER_BASELINES,
+        metavar="NAME",
+        help=f"other libraries' series to run (default: all of {', '.join(FRONTIER_BASELINES)})",
+    )
+    others.add_argument("--no-baselines", action="store_true", help="no other libraries' series")
+    frontier.add_argument("--quick", action="store_true", help="2 values per series and few samples (tests, CI)")
+    frontier.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 #: integer options: smallest and largest accepted value (None: no bound)
@@ -361,6 +439,64 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _frontier_command(args: argparse.Namespace, settings: Any) -> list[str]:
+    """The ``hicache frontier`` command line that reproduces this run's points."""
+    words = ["hicache", "frontier", "--steps", str(settings.steps), "--digits", *map(str, settings.digits)]
+    words += ["--seeds-per-digit", str(settings.seeds_per_digit), "--repeats", str(settings.repeats)]
+    words += ["--seed", str(settings.seed)]
+    for flag in ("policies", "bases", "knob_values", "baselines"):
+        if getattr(args, flag):
+            words += ["--" + flag.replace("_", "-"), *getattr(args, flag)]
+    words += [flag for flag in ("--no-baselines", "--quick") if getattr(args, flag[2:].replace("-", "_"))]
+    return words
+
+
+def _cmd_frontier(args: argparse.Namespace) -> int:
+    from .bench.frontier import frontier_table, parse_knob_values, plan_sweep, run_frontier, write_frontier
+    from .bench.report import check_writable
+    from .bench.runner import check_settings
+
+    for name, value in (_FRONTIER_QUICK if args.quick else _FRONTIER_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    settings = _bench_settings(args, methods=())
+    check_settings(settings)
+    baselines = [] if args.no_baselines else list(args.baselines or FRONTIER_BASELINES)
+    series, notes = plan_sweep(
+        policies=args.policies,
+        bases=args.bases,
+        knob_values=parse_knob_values(args.knob_values),
+        baselines=baselines,
+        quick=args.quick,
+        steps=settings.steps,
+    )
+    if "diffusers-magcache" in baselines:  # its calibration draws seeds seed + 1000 + i, one per digit
+        check_int("--seed", args.seed, minimum=0, maximum=2**63 - 1000 - len(settings.digits))
+    check_writable(args.out)
+    for note in notes:
+        print(note)
+    points = 1 + sum(len(s.values) for s in series)
+    digits, _ = settings.samples()
+    print(
+        f"frontier: {points} points (full compute included) x {settings.repeats + 1} generations "
+        f"({settings.steps} steps, {len(digits)} samples)"
+    )
+    model = _load_model(args)
+    total = points * (settings.repeats + 1) + int("diffusers-magcache" in baselines)
+    with _progress_bar(total, not args.no_progress) as bar:
+
+        def step(label: str) -> None:
+            bar.update()
+            bar.set_description(label[:40])
+
+        report = run_frontier(settings, series, model=model, progress=step, notes=notes)
+    command = " ".join(_frontier_command(args, settings))
+    files = write_frontier(report, args.out, command=command)
+    print(frontier_table(report.points))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .accelerator import compose
     from .bench.methods import parse_params
@@ -441,6 +577,7 @@ def _cmd_trajectory(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "bench": _cmd_bench,
     "compare": _cmd_compare,
+    "frontier": _cmd_frontier,
     "run": _cmd_run,
     "plugins": _cmd_plugins,
     "trajectory": _cmd_trajectory,

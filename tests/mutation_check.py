@@ -294,7 +294,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "first-block-reference-follows-every-step",
         "plugins/first_block.py",
         "            state.decision = Decision.FORECAST\n            state.consecutive += 1",
-        "            state.decision = Decision.FORECAST\n            state.consecutive += 1\n            state.reference = residual",
+        "            state.decision = Decision.FORECAST\n            state.consecutive += 1\n"
+        "            state.reference = residual",
         ("tests/test_dynamic_policies.py",),
         "first_block compares with the previous step's probe instead of the last computed step's",
     ),
