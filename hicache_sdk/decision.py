@@ -23,6 +23,7 @@ import attrs
 import torch
 
 __all__ = [
+    "UNIT_KINDS",
     "BlockView",
     "Decision",
     "Reducer",
@@ -88,14 +89,19 @@ class StepInfo:
     latents: torch.Tensor | None = attrs.field(default=None, repr=False)
 
 
+#: The kinds of unit adapters declare (``Runtime.unit(..., kind=...)``); policies such as ``pab`` key on them.
+UNIT_KINDS: tuple[str, ...] = ("attention", "cross_attention", "temporal_attention", "mlp", "fused", "block")
+
+
 @attrs.frozen
 class UnitInfo:
-    """Where a unit sits in the model, as its adapter declares it.
+    """Where a unit sits in the model, as its adapter declares it (``UnitState.info``).
 
     Attributes:
         key: unique name, e.g. ``transformer_blocks.0.attn``.
         block: index of the unit's block in the order the model runs its blocks (-1: outside any block).
-        kind: what the unit computes: ``"attention"``, ``"cross_attention"``, ``"mlp"``, ``"fused"``
+        kind: what the unit computes, one of :data:`UNIT_KINDS`: ``"attention"`` (self or joint
+            attention), ``"cross_attention"``, ``"temporal_attention"``, ``"mlp"``, ``"fused"``
             (attention and MLP in one projection) or ``"block"`` (a whole block's residual).
     """
 

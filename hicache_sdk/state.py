@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 import torch
 
-from .decision import Reducer, local_reduce
+from .decision import Reducer, UnitInfo, local_reduce
 from .ladder import DifferenceLadder
 
 __all__ = ["ContextState", "UnitCounts", "UnitState"]
@@ -92,6 +92,11 @@ class UnitState:
         """Name the unit's output streams (one ladder each)."""
         self.streams = tuple(streams)
         self.ladders = tuple(DifferenceLadder(self.max_order, self.storage_dtype) for _ in self.streams)
+
+    @property
+    def info(self) -> UnitInfo:
+        """Where the unit sits and what it computes, as its adapter declared it."""
+        return UnitInfo(self.key, self.block, self.kind)
 
     @property
     def empty(self) -> bool:
