@@ -147,7 +147,7 @@ def _frontier_parser(sub: Any) -> None:
         "bases; 4 knob values each; 16 points of the other libraries; 50 steps, 10 samples, 3 repeats) is 85 "
         "points x 4 generations: 45 minutes on a 2-core x86_64 CPU shared with other jobs (load 4 to 8), less "
         "on an idle one. --quick (taylor basis only, 2 values per series, 20 steps, 2 samples, 2 repeats: 23 "
-        "points) is a smoke test: about 7 minutes there.",
+        "points) is a smoke test: 66 s on the idle 2-core CPU, 15 minutes beside other jobs.",
     )
     frontier.add_argument("--steps", type=int, help="denoising steps (default 50; 20 with --quick)")
     frontier.add_argument("--seed", type=int, default=0, help="first sample seed (default %(default)s)")
