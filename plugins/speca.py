@@ -63,6 +63,13 @@ class SpeCaConfig(DynamicConfig):
     verify_block: int = attrs.field(default=-1, validator=attrs_validator(check_int))
     reject: Literal["recompute", "next"] = attrs.field(default="recompute", validator=_check_reject)
 
+    def __attrs_post_init__(self) -> None:
+        if self.min_drafts > self.max_drafts:
+            raise InvalidParameterError(
+                f"min_drafts must be <= max_drafts (else no draft is ever verified), got min_drafts={self.min_drafts} "
+                f"and max_drafts={self.max_drafts}"
+            )
+
 
 class DraftState:
     """Per-context state: drafts in a row, the verifier's error sums of this step, a forced full step."""

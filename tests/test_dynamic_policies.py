@@ -227,6 +227,8 @@ def test_speca_refuses_a_verify_block_the_model_does_not_have(model: torch.nn.Mo
         sdk.compose("speca", verify_block=4).apply(model)
     with pytest.raises(sdk.InvalidParameterError, match="reject must be one of"):
         sdk.compose("speca", reject="later")
+    with pytest.raises(sdk.InvalidParameterError, match=r"min_drafts must be <= max_drafts.*got min_drafts=9"):
+        sdk.compose("speca", min_drafts=9, max_drafts=8)
 
 
 # -- pab -----------------------------------------------------------------------------------------
