@@ -7,8 +7,12 @@ compare whole trajectories with ``torch.equal``.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,11 +38,13 @@ __all__ = [
     "ReferenceLadder",
     "UnitRecorder",
     "cluster_means",
+    "example_on_path",
     "flux_inputs",
     "flux_modules",
     "flux_pipeline",
     "flux_prompt",
     "full_flux_pipeline",
+    "install_example",
     "l1_kmeans",
     "pipeline_call",
     "pixart_inputs",
@@ -222,14 +228,14 @@ def sd3_inputs(*, batch: int = 1, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def tiny_pixart(seed: int = 0) -> PixArtTransformer2DModel:
-    """A PixArtTransformer2DModel (adaLN-single blocks returning one tensor)."""
+def tiny_pixart(seed: int = 0, *, out_channels: int = 4) -> PixArtTransformer2DModel:
+    """A PixArtTransformer2DModel (adaLN-single blocks returning one tensor); 8 output channels learn a variance."""
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=8,
         in_channels=4,
-        out_channels=4,
+        out_channels=out_channels,
         num_layers=2,
         cross_attention_dim=16,
         caption_channels=16,
@@ -606,3 +612,43 @@ def cluster_means(tokens: torch.Tensor, labels: torch.Tensor, k: int) -> torch.T
     counts = torch.bincount(labels, minlength=k)
     assert (counts > 0).all(), f"an empty cluster: members per cluster {counts.tolist()}"
     return torch.stack([tokens.double()[labels == c].mean(dim=0) for c in range(k)])
+
+
+# -- example plugin distributions ----------------------------------------------------------------
+def install_example(example: Path, module: str, root: Path) -> Path:
+    """``example`` (a distribution folder) installed with pip, offline, into ``root / "target"``.
+
+    Installed from a copy, so no build files are left in the repository.
+    """
+    source = root / "source"
+    shutil.copytree(example, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    installed = root / "target"
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
+    result = subprocess.run(
+        [*command, "--target", str(installed), str(source)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (installed / module / "__init__.py").is_file()
+    return installed
+
+
+def _forget_module(module: str) -> None:
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        del sys.modules[name]
+
+
+@contextmanager
+def example_on_path(target: Path, module: str, monkeypatch: Any) -> Iterator[Path]:
+    """``target`` on sys.path and a registry that has not seen it yet; both undone after."""
+    from hicache_sdk.registry import AUTOLOAD_ENV, reset_registry
+
+    monkeypatch.delenv(AUTOLOAD_ENV, raising=False)
+    monkeypatch.syspath_prepend(str(target))
+    _forget_module(module)
+    reset_registry()
+    try:
+        yield target
+    finally:
+        _forget_module(module)
+        monkeypatch.undo()  # sys.path first, so the next registry cannot see the example
+        reset_registry()

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import PixArtTransformer2DModel
 from helpers import flux_inputs, flux_pipeline, pipeline_call, pixart_inputs, run_loop, tiny_flux, tiny_pixart
 
 import hicache_sdk as sdk
@@ -257,20 +256,7 @@ def test_pab_refuses_an_empty_window() -> None:
 
 def test_easycache_on_a_model_whose_output_is_not_shaped_like_its_input_computes_and_says_why() -> None:
     """PixArt with a learned variance returns twice the input's channels: no transformation rate."""
-    torch.manual_seed(0)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        cross_attention_dim=16,
-        caption_channels=16,
-        sample_size=8,
-        patch_size=2,
-        norm_type="ada_norm_single",
-        use_additional_conditions=False,
-    ).eval()
+    model = tiny_pixart(out_channels=8)
     inputs = pixart_inputs()
     with sdk.compose("easycache", warmup=1, tail=0, threshold=10.0).apply(model) as handle:
         with torch.no_grad():

@@ -8,7 +8,6 @@ Marked ``integration`` (deselect with ``-m "not integration"``); the module take
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import example_on_path, install_example
 from torch import nn
 
 import hicache_sdk as sdk
@@ -31,36 +31,15 @@ MODULE = "hicache_plugin_example"
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example installed with pip into an empty target directory (from a copy: no build files in the repo)."""
-    root = tmp_path_factory.mktemp("example")
-    source = root / "source"
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    installed = root / "target"
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
-    result = subprocess.run(
-        [*command, "--target", str(installed), str(source)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (installed / MODULE / "__init__.py").is_file()
-    return installed
-
-
-def _forget_example() -> None:
-    for name in [m for m in sys.modules if m == MODULE or m.startswith(MODULE + ".")]:
-        del sys.modules[name]
+    """The example installed with pip into an empty target directory."""
+    return install_example(EXAMPLE, MODULE, tmp_path_factory.mktemp("example"))
 
 
 @pytest.fixture
 def on_path(target: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The target directory on sys.path and a registry that has not seen it yet; both undone after."""
-    monkeypatch.delenv(AUTOLOAD_ENV, raising=False)
-    monkeypatch.syspath_prepend(str(target))
-    _forget_example()
-    reset_registry()
-    yield target
-    _forget_example()
-    monkeypatch.undo()  # sys.path first, so the next registry cannot see the example
-    reset_registry()
+    with example_on_path(target, MODULE, monkeypatch) as path:
+        yield path
 
 
 def test_not_visible_without_installing() -> None:

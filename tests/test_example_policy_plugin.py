@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import flux_inputs, run_loop, tiny_flux
+from helpers import example_on_path, flux_inputs, install_example, run_loop, tiny_flux
 from test_docs import TUTORIALS, code_blocks
 
 import hicache_sdk as sdk
@@ -38,36 +37,15 @@ BUILTIN_POLICIES = {"fora", "taylorseer", "clusca"}
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example installed with pip into an empty target directory (from a copy: no build files in the repo)."""
-    root = tmp_path_factory.mktemp("policy_example")
-    source = root / "source"
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    installed = root / "target"
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
-    result = subprocess.run(
-        [*command, "--target", str(installed), str(source)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (installed / MODULE / "__init__.py").is_file()
-    return installed
-
-
-def _forget_example() -> None:
-    for name in [m for m in sys.modules if m == MODULE or m.startswith(MODULE + ".")]:
-        del sys.modules[name]
+    """The example installed with pip into an empty target directory."""
+    return install_example(EXAMPLE, MODULE, tmp_path_factory.mktemp("policy_example"))
 
 
 @pytest.fixture
 def on_path(target: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The target directory on sys.path and a registry that has not seen it yet; both undone after."""
-    monkeypatch.delenv(AUTOLOAD_ENV, raising=False)
-    monkeypatch.syspath_prepend(str(target))
-    _forget_example()
-    reset_registry()
-    yield target
-    _forget_example()
-    monkeypatch.undo()  # sys.path first, so the next registry cannot see the example
-    reset_registry()
+    with example_on_path(target, MODULE, monkeypatch) as path:
+        yield path
 
 
 def test_not_visible_without_installing() -> None:
