@@ -223,8 +223,7 @@ class Policy(abc.ABC):
         ``rows`` (a host index of samples) is given when only those samples computed: ``outputs``
         then hold just those rows. With ``max_order`` 0 the ladder holds the newest output.
         """
-        for ladder, value in zip(unit.ladders, outputs, strict=True):
-            ladder.update(value, ctx.step, extend=True, rows=rows)
+        unit.record(outputs, ctx.step, rows=rows)
 
     def forecast(
         self, ctx: ContextState, unit: UnitState, token_paths: tuple[TokenPath, ...]
@@ -304,8 +303,7 @@ class IntervalPolicy(Policy):
         if self.config.interval == 1:
             return
         extend = self.config.schedule == "diffusers" or ctx.step >= self.config.warmup - 1
-        for ladder, value in zip(unit.ladders, outputs, strict=True):
-            ladder.update(value, ctx.step, extend=extend, rows=rows)
+        unit.record(outputs, ctx.step, extend=extend, rows=rows)
 
 
 @attrs.frozen(kw_only=True)

@@ -42,11 +42,16 @@ class UnitCounts:
             self.sample_computed = [0] * batch
             self.sample_forecast = [0] * batch
         ran = set(computed or ())
-        for b in range(batch):
-            if b in ran:
-                self.sample_computed[b] += 1
-            else:
-                self.sample_forecast[b] += 1
+        if not ran:  # the common cases, without a loop over the samples' membership
+            self.sample_forecast = [n + 1 for n in self.sample_forecast]
+        elif len(ran) == batch:
+            self.sample_computed = [n + 1 for n in self.sample_computed]
+        else:
+            for b in range(batch):
+                if b in ran:
+                    self.sample_computed[b] += 1
+                else:
+                    self.sample_forecast[b] += 1
 
     @property
     def samples(self) -> int:
@@ -92,6 +97,13 @@ class UnitState:
         """Name the unit's output streams (one ladder each)."""
         self.streams = tuple(streams)
         self.ladders = tuple(DifferenceLadder(self.max_order, self.storage_dtype) for _ in self.streams)
+
+    def record(
+        self, outputs: Sequence[torch.Tensor], step: int, *, extend: bool = True, rows: torch.Tensor | None = None
+    ) -> None:
+        """Record freshly computed outputs (one per stream) as the newest anchor of each ladder."""
+        for ladder, value in zip(self.ladders, outputs, strict=True):
+            ladder.update(value, step, extend=extend, rows=rows)
 
     @property
     def info(self) -> UnitInfo:

@@ -37,6 +37,7 @@ __all__ = [
     "ClusCaTrace",
     "ReferenceLadder",
     "UnitRecorder",
+    "cli_status",
     "cluster_means",
     "example_on_path",
     "flux_inputs",
@@ -48,6 +49,7 @@ __all__ = [
     "l1_kmeans",
     "pipeline_call",
     "pixart_inputs",
+    "refuse_json_token",
     "replay_clusca_image_mlp",
     "run_loop",
     "sd3_inputs",
@@ -652,3 +654,20 @@ def example_on_path(target: Path, module: str, monkeypatch: Any) -> Iterator[Pat
         _forget_module(module)
         monkeypatch.undo()  # sys.path first, so the next registry cannot see the example
         reset_registry()
+
+
+# -- the command line ------------------------------------------------------------------------------
+def cli_status(argv: list[str]) -> int:
+    """``hicache``'s exit status for ``argv``, argparse's own usage errors (SystemExit) included."""
+    from hicache_sdk.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        assert isinstance(exc.code, int)
+        return exc.code
+
+
+def refuse_json_token(token: str) -> float:
+    """``json.loads(..., parse_constant=refuse_json_token)``: NaN and Infinity are not JSON."""
+    raise ValueError(f"non-standard JSON token {token}")

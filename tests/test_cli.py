@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli_status, refuse_json_token
 
 from hicache_sdk.bench.methods import DEFAULT_METHODS, parse_method
 from hicache_sdk.bench.report import REPORT_FILES
@@ -19,24 +20,11 @@ from hicache_sdk.errors import InvalidParameterError
 SMALL = ["--steps", "6", "--digits", "1", "7", "--seeds-per-digit", "1", "--repeats", "2", "--no-progress"]
 
 
-def _refuse(token: str) -> float:
-    raise ValueError(f"non-standard JSON token {token}")
-
-
-def _status(argv: list[str]) -> int:
-    """main()'s exit status, argparse's own usage errors (SystemExit) included."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        assert isinstance(exc.code, int)
-        return exc.code
-
-
 def test_bench_writes_a_complete_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     methods = ["full", "taylorseer+hermite:interval=3", "clusca:interval=3,num_clusters=4"]
     assert main(["bench", *SMALL, "--methods", *methods, "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(REPORT_FILES)
-    report = json.loads((tmp_path / "bench.json").read_text(), parse_constant=_refuse)  # strict JSON
+    report = json.loads((tmp_path / "bench.json").read_text(), parse_constant=refuse_json_token)  # strict JSON
     rows = {r["label"]: r for r in report["results"]}
     assert list(rows) == methods
     assert rows["full"]["rel_l2"] == 0.0 and rows["full"]["flops_speedup"] == 1.0
@@ -226,7 +214,7 @@ def test_bad_options_exit_2_naming_the_option(
         if argv[0] == "compare" and "--compile-backend" not in argv:
             small = [*small, "--no-compile"]
         argv = [argv[0], *small, *argv[1:], "--out", str(out)]
-    assert _status(argv) == 2
+    assert cli_status(argv) == 2
     err = capsys.readouterr().err
     assert f"hicache: error: {message}" in err, err
     assert "Traceback" not in err
@@ -242,7 +230,7 @@ def test_unavailable_accelerator_is_refused(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     out = tmp_path / "out"
-    assert _status(["bench", *SMALL, "--methods", "full", "--device", device, "--out", str(out)]) == 2
+    assert cli_status(["bench", *SMALL, "--methods", "full", "--device", device, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"hicache: error: --device '{device}': {what} is not available" in err, err
     assert not out.exists() or not any(out.iterdir())
@@ -340,7 +328,7 @@ def test_bench_flags_noisy_wall_times(
 
     monkeypatch.setattr(runner, "timed", timed)
     assert main(["bench", *SMALL, "--methods", "full", "taylorseer:interval=3", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "bench.json").read_text(), parse_constant=_refuse)
+    report = json.loads((tmp_path / "bench.json").read_text(), parse_constant=refuse_json_token)
     full, row = report["results"]
     assert row["wall_seconds"] == list(row_seconds)
     assert 1.3 < row["flops_speedup"] < 1.6  # 4 of 6 steps full: between the two cases' wall speedups

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import cli_status, refuse_json_token
 
 from hicache_sdk.bench import frontier
 from hicache_sdk.bench.frontier import (
@@ -25,26 +26,13 @@ from hicache_sdk.errors import InvalidParameterError
 SMALL = ["--quick", "--steps", "6", "--digits", "3", "--seeds-per-digit", "1", "--repeats", "1", "--no-progress"]
 
 
-def _refuse(token: str) -> float:
-    raise ValueError(f"non-standard JSON token {token}")
-
-
-def _status(argv: list[str]) -> int:
-    """main()'s exit status, argparse's own usage errors (SystemExit) included."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        assert isinstance(exc.code, int)
-        return exc.code
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
     out = tmp_path_factory.mktemp("frontier")
     argv = ["frontier", *SMALL, "--policies", "taylorseer", "--bases", "taylor"]
     argv += ["--baselines", "diffusers-first-block", "--knob-values", "diffusers-first-block=0.2", "--out", str(out)]
     assert main(argv) == 0
-    payload = json.loads((out / "frontier.json").read_text(), parse_constant=_refuse)  # strict JSON
+    payload = json.loads((out / "frontier.json").read_text(), parse_constant=refuse_json_token)  # strict JSON
     return out, payload, (out / "frontier.md").read_text()
 
 
@@ -183,7 +171,7 @@ def test_bad_options_exit_2_naming_the_option(
     small = [*SMALL, "--policies", "taylorseer", "--bases", "taylor"]
     if "--baselines" not in argv and "--no-baselines" not in argv:
         small += ["--baselines", "diffusers-taylorseer"]
-    assert _status(["frontier", *small, *argv, "--out", str(out)]) == 2
+    assert cli_status(["frontier", *small, *argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"hicache: error: {message}" in err, err
     assert "Traceback" not in err

@@ -132,6 +132,19 @@ def compile_table(phases: Sequence[CompilePhase]) -> str:
     return "\n".join(lines)
 
 
+def settings_json(s: Any) -> dict[str, Any]:
+    """The sample settings of a compare or frontier run, as JSON."""
+    return {
+        "steps": s.steps,
+        "digits": list(s.digits),
+        "seeds_per_digit": s.seeds_per_digit,
+        "seed": s.seed,
+        "repeats": s.repeats,
+        "device": s.device,
+        "dtype": s.dtype,
+    }
+
+
 def _json(report: CompareReport, extras: dict[str, Any]) -> str:
     s = report.settings
     trusted, note = compare_wall_check(report.results)
@@ -141,15 +154,7 @@ def _json(report: CompareReport, extras: dict[str, Any]) -> str:
         "wall_check": {"tolerance": WALL_SPREAD_TOLERANCE, "trusted": trusted, "note": note},
         "full_flops_counts": list(report.full_flops_counts),
         "mag_ratios": list(report.mag_ratios),
-        "settings": {
-            "steps": s.steps,
-            "digits": list(s.digits),
-            "seeds_per_digit": s.seeds_per_digit,
-            "seed": s.seed,
-            "repeats": s.repeats,
-            "device": s.device,
-            "dtype": s.dtype,
-        },
+        "settings": settings_json(s),
         "results": [attrs.asdict(r) for r in report.results],
         **{key: [attrs.asdict(v) if attrs.has(type(v)) else v for v in values] for key, values in extras.items()},
     }

@@ -30,9 +30,10 @@ from ..errors import InvalidParameterError, did_you_mean
 from ..models import DigitsModel
 from ..registry import get_registry
 from .compare import CompareReport, CompareResult, calibrate, run_compare
+from .compare_report import settings_json
 from .methods import PAPER_SETTING, MethodSpec, parse_params
 from .report import check_writable, strict_json
-from .rows import Attached, CompareRow, Target, _SdkAttached, full_row
+from .rows import Attached, CompareRow, SdkAttached, Target, full_row
 from .runner import BenchSettings, format_number
 from .wall import WALL_SPREAD_TOLERANCE, format_flags, format_range, format_spread, wall_verdict
 
@@ -326,7 +327,7 @@ def _sdk_row(series: Series, value: Number) -> CompareRow:
     assert accelerator is not None
 
     def attach(model: DigitsModel) -> Attached:
-        return _SdkAttached(model, accelerator.apply(model.transformer))
+        return SdkAttached(model, accelerator.apply(model.transformer))
 
     return CompareRow(label=series.label(value), family="hicache", setting=accelerator.tag, attach=attach)
 
@@ -504,15 +505,7 @@ def _json(report: FrontierReport, command: str) -> str:
         "wall_check": {"tolerance": WALL_SPREAD_TOLERANCE, "trusted": trusted, "note": note},
         "full_flops_counts": list(c.full_flops_counts),
         "mag_ratios": list(c.mag_ratios),
-        "settings": {
-            "steps": s.steps,
-            "digits": list(s.digits),
-            "seeds_per_digit": s.seeds_per_digit,
-            "seed": s.seed,
-            "repeats": s.repeats,
-            "device": s.device,
-            "dtype": s.dtype,
-        },
+        "settings": settings_json(s),
         "sweep": {
             r.name: {"family": r.family, "knob": r.knob, "values": list(r.values), "shared": dict(r.shared)}
             for r in report.series

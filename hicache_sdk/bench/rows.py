@@ -23,6 +23,7 @@ __all__ = [
     "TARGETS",
     "Attached",
     "CompareRow",
+    "SdkAttached",
     "Target",
     "full_row",
     "sdk_replica_row",
@@ -97,7 +98,9 @@ class CompareRow:
         return self.family == "none"
 
 
-class _SdkAttached(Attached):
+class SdkAttached(Attached):
+    """This SDK's accelerator attached to the digits model; its handle gives the run summary."""
+
     def __init__(self, model: DigitsModel, handle: CacheHandle) -> None:
         super().__init__(model)
         self.handle = handle
@@ -119,7 +122,7 @@ def _spec_row(label: str, text: str) -> CompareRow:
     assert accelerator is not None
 
     def attach(model: DigitsModel) -> Attached:
-        return _SdkAttached(model, accelerator.apply(model.transformer))
+        return SdkAttached(model, accelerator.apply(model.transformer))
 
     return CompareRow(label=label, family="hicache", setting=accelerator.tag, attach=attach)
 
