@@ -191,6 +191,18 @@ class FluxAdapter(Adapter):
             _is_stock(b, FluxSingleTransformerBlock) for b in single
         )
 
+    @classmethod
+    def claims(cls, model: torch.nn.Module) -> bool:
+        return isinstance(model, FluxTransformer2DModel)
+
+    @classmethod
+    def mismatch(cls, model: torch.nn.Module) -> str | None:
+        if cls.fits(model):
+            return None
+        if not isinstance(model, FluxTransformer2DModel):
+            return f"the flux adapter serves FluxTransformer2DModel, not {type(model).__name__}"
+        return "the flux adapter needs diffusers' stock Flux blocks (a block's forward was modified)"
+
     @property
     def observed_blocks(self) -> int:
         """The double-stream blocks (each shows its image hidden states to the policy)."""

@@ -47,6 +47,7 @@ OUTPUT_LAYOUTS: dict[str, tuple[str, ...]] = {
     "HunyuanVideoTransformerBlock": ("hidden_states", "encoder_hidden_states"),
     "HunyuanVideoSingleTransformerBlock": ("hidden_states", "encoder_hidden_states"),
     "CogVideoXBlock": ("hidden_states", "encoder_hidden_states"),
+    "CogView4TransformerBlock": ("hidden_states", "encoder_hidden_states"),
 }
 
 

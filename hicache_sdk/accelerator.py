@@ -48,6 +48,19 @@ def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     )
 
 
+def find_denoisers(target: Any) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of each denoiser to serve: a pipeline's ``transformer`` (and ``transformer_2``
+    when it has one, as Wan 2.2 does), or ``target`` itself if it is a module.
+
+    A lone denoiser is named ``""``; with two, they are named by their attributes.
+    """
+    first = find_transformer(target)
+    second = getattr(target, "transformer_2", None) if first is not target else None
+    if isinstance(second, torch.nn.Module):
+        return [("transformer", first), ("transformer_2", second)]
+    return [("", first)]
+
+
 def find_transformer(target: Any) -> torch.nn.Module:
     """The denoiser of a pipeline (its ``transformer``) or ``target`` itself if it is a module."""
     inner = getattr(target, "transformer", None)
@@ -97,28 +110,77 @@ class Accelerator:
             AdapterMismatchError: no adapter fits the model, or the named one does not.
             InvalidParameterError: a policy setting does not fit the model (e.g. a block index).
         """
-        model = find_transformer(target)
-        if getattr(model, _HANDLE_ATTR, None) is not None:
-            raise AlreadyAttachedError(
-                f"an accelerator is already attached to this {type(model).__name__}; call .remove() on its "
-                "handle (or leave its `with` block) before applying another"
-            )
+        denoisers = find_denoisers(target)
+        for _, model in denoisers:
+            if getattr(model, _HANDLE_ATTR, None) is not None:
+                raise AlreadyAttachedError(
+                    f"an accelerator is already attached to this {type(model).__name__}; call .remove() on its "
+                    "handle (or leave its `with` block) before applying another"
+                )
         policy = self.policy_cls(self.config, self.basis)
-        check_no_other_cache(model, policy.tag)
-        registry = get_registry()
+        model = denoisers[0][1]
+        flops = _FLOP_TABLES.setdefault(model, {}).setdefault(
+            "+".join(self._adapter_class(m, []).name for _, m in denoisers), FlopTable()
+        )
+        runtime = Runtime(
+            policy, cache_dtype=self.cache_dtype, check_finite=self.check_finite, flops=flops, reduce=reduce
+        )
         notes: list[str] = []
+        adapters: list[Adapter] = []
+        steps_of = _scheduler_steps(target, model)
+        try:
+            for name, denoiser in denoisers:
+                check_no_other_cache(denoiser, policy.tag)
+                adapter = self._adapter_class(denoiser, notes)(denoiser)
+                self._check_fit(policy, adapter)
+                if adapter.note:
+                    notes.append(adapter.note)
+                runtime.generation_checks.append(_cache_check(denoiser, policy.tag))
+                runtime.add_model(
+                    name,
+                    num_blocks=adapter.num_blocks,
+                    observed_blocks=adapter.observed_blocks,
+                    noise_level=adapter.noise_level,
+                )
+                for binding in adapter.bindings(runtime):
+                    attach_block_forward(binding.block, binding.forward)
+                attach_step_hook(denoiser, runtime, steps_of=steps_of, name=name)
+                adapters.append(adapter)
+        except Exception:
+            for _, denoiser in denoisers:
+                detach_all(denoiser)
+            raise
+        handle = CacheHandle(model=model, runtime=runtime, adapter=adapters[0], notes=tuple(notes))
+        handle.denoisers = tuple(zip((d for _, d in denoisers), adapters, strict=True))
+        for _, denoiser in denoisers:
+            refresh_registry_caches(denoiser)
+            setattr(denoiser, _HANDLE_ATTR, handle)
+            if hasattr(denoiser, "enable_cache"):
+                vars(denoiser)["enable_cache"] = enable_cache_guard(denoiser, policy.tag)
+        return handle
+
+    def _adapter_class(self, model: torch.nn.Module, notes: list[str]) -> type[Adapter]:
+        """The named adapter if it fits ``model``, else the best fit (a fallback says why in ``notes``)."""
+        registry = get_registry()
         if self.adapter is not None:
             adapter_cls: type[Adapter] = registry.get("adapter", self.adapter).obj
             if not adapter_cls.fits(model):
                 adapter_cls(model)  # an adapter that checks its model raises its own, more specific error
                 raise AdapterMismatchError(f"adapter {self.adapter!r} does not fit {type(model).__name__}")
-        else:
-            adapter_cls = registry.select_adapter(model)
-            if adapter_cls.priority < 0:
-                notes.append(f"adapter {adapter_cls.name!r} chosen automatically: no specific adapter fits")
-        adapter = adapter_cls(model)
-        if adapter.note:
-            notes.append(adapter.note)
+            return adapter_cls
+        adapter_cls = registry.select_adapter(model)
+        if adapter_cls.priority < 0:
+            refused = [
+                reason
+                for reg in registry.entries("adapter").values()
+                if reg.obj.claims(model) and (reason := reg.obj.mismatch(model)) is not None
+            ]
+            why = "; ".join(refused) if refused else "no specific adapter fits"
+            notes.append(f"adapter {adapter_cls.name!r} chosen automatically: {why}")
+        return adapter_cls
+
+    @staticmethod
+    def _check_fit(policy: Policy, adapter: Adapter) -> None:
         if policy.needs_token_paths and not adapter.provides_token_paths:
             raise AdapterMismatchError(
                 f"policy {policy.name!r} recomputes units on chosen tokens; adapter {adapter.name!r} offers no "
@@ -131,28 +193,11 @@ class Accelerator:
                 "or per_sample=False."
             )
         policy.check_adapter(adapter)
-        flops = _FLOP_TABLES.setdefault(model, {}).setdefault(adapter.name, FlopTable())
-        runtime = Runtime(
-            policy, cache_dtype=self.cache_dtype, check_finite=self.check_finite, flops=flops, reduce=reduce
-        )
-        runtime.generation_checks.append(lambda: check_no_other_cache(model, policy.tag))
-        runtime.observed_blocks = adapter.observed_blocks
-        runtime.timestep_scale = adapter.timestep_scale
-        try:
-            bindings = adapter.bindings(runtime)
-            runtime.num_blocks = len(bindings)
-            for binding in bindings:
-                attach_block_forward(binding.block, binding.forward)
-            attach_step_hook(model, runtime, steps_of=_scheduler_steps(target, model))
-        except Exception:
-            detach_all(model)
-            raise
-        refresh_registry_caches(model)
-        handle = CacheHandle(model=model, runtime=runtime, adapter=adapter, notes=tuple(notes))
-        setattr(model, _HANDLE_ATTR, handle)
-        if hasattr(model, "enable_cache"):
-            vars(model)["enable_cache"] = enable_cache_guard(model, policy.tag)
-        return handle
+
+
+def _cache_check(model: torch.nn.Module, tag: str) -> Callable[[], None]:
+    """Refuse, at each generation's start, another feature cache attached to ``model`` meanwhile."""
+    return lambda: check_no_other_cache(model, tag)
 
 
 def _scheduler_steps(target: Any, model: torch.nn.Module) -> StepsProvider | None:
@@ -194,6 +239,8 @@ class CacheHandle:
         self.runtime = runtime
         self.adapter = adapter
         self.notes = notes
+        #: ``(model, adapter)`` of every denoiser served (two for a pipeline with ``transformer_2``)
+        self.denoisers: tuple[tuple[torch.nn.Module, Adapter], ...] = ((model, adapter),)
         self._attached = True
 
     @property
@@ -207,7 +254,7 @@ class CacheHandle:
             list(self.runtime.contexts.values()),
             policy=policy.tag,
             basis=policy.basis.tag,
-            adapter=self.adapter.name,
+            adapter="+".join(dict.fromkeys(adapter.name for _, adapter in self.denoisers)),
             notes=self.notes,
         )
 
@@ -241,10 +288,11 @@ class CacheHandle:
         """Detach: the model's forwards are restored exactly. Idempotent."""
         if not self._attached:
             return
-        detach_all(self.model)
-        vars(self.model).pop("enable_cache", None)
-        if getattr(self.model, _HANDLE_ATTR, None) is self:
-            delattr(self.model, _HANDLE_ATTR)
+        for model, _ in self.denoisers:
+            detach_all(model)
+            vars(model).pop("enable_cache", None)
+            if getattr(model, _HANDLE_ATTR, None) is self:
+                delattr(model, _HANDLE_ATTR)
         self._attached = False
 
     def __enter__(self) -> CacheHandle:

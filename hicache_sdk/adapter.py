@@ -16,7 +16,11 @@ __all__ = ["Adapter", "BlockBinding"]
 
 @attrs.frozen
 class BlockBinding:
-    """One block whose forward the adapter replaces while attached."""
+    """One module (a block, or a unit submodule of a block) whose forward the adapter replaces while attached.
+
+    ``forward(module, original_forward, *args, **kwargs)`` receives the module and its own
+    forward (a bound method) with the arguments of the call.
+    """
 
     name: str
     block: torch.nn.Module
@@ -51,13 +55,28 @@ class Adapter(abc.ABC):
     def fits(cls, model: torch.nn.Module) -> bool:
         """Whether this adapter can serve ``model``."""
 
+    @classmethod
+    def claims(cls, model: torch.nn.Module) -> bool:
+        """Whether ``model`` is of the family this adapter is written for (even if :meth:`fits` refuses it).
+
+        When a claimed model is refused (e.g. its blocks were modified) and a fallback adapter
+        serves it, the run summary says why.
+        """
+        return False
+
+    @classmethod
+    def mismatch(cls, model: torch.nn.Module) -> str | None:
+        """Why this adapter cannot serve ``model``, or ``None`` when it can."""
+        return None if cls.fits(model) else f"adapter {cls.name!r} does not fit {type(model).__name__}"
+
     @abc.abstractmethod
     def bindings(self, runtime: Runtime) -> list[BlockBinding]:
-        """The block forwards to install for ``runtime``, in the order the model runs the blocks.
+        """The forwards to install for ``runtime``: each block's, in the order the model runs them.
 
-        Each forward serves its units through :meth:`Runtime.unit` (with ``block`` = its index in
-        this list and a ``kind``) and, after the block, shows its image tokens to the policy through
-        :meth:`Runtime.block`.
+        Each forward serves its units through :meth:`Runtime.unit` (with ``block`` = the block's
+        index in run order and a ``kind``) and, after the block, shows its image tokens to the
+        policy through :meth:`Runtime.block`. Bindings may also name unit submodules of a block
+        (the :class:`~hicache_sdk.family.FamilyAdapter` does); then override :attr:`num_blocks`.
         """
 
     @property
@@ -79,9 +98,19 @@ class Adapter(abc.ABC):
     def timestep_scale(self) -> float | None:
         """The model's timestep at noise level 1 (Flux: 1.0, most others: 1000.0); ``None`` if unknown.
 
-        Policies see ``sigma = timestep / timestep_scale`` in :class:`~hicache_sdk.decision.StepInfo`.
+        Policies see ``sigma`` in :class:`~hicache_sdk.decision.StepInfo` (see :meth:`noise_level`).
         """
         return None
+
+    def noise_level(self, timestep: float) -> float | None:
+        """The noise level sigma in [0, 1] at which the model is called with ``timestep`` (``None`` if unknown).
+
+        ``timestep / timestep_scale`` by default; a model that counts time the other way (Z-Image
+        takes ``1 - sigma``) overrides this. Policies read it as ``StepInfo.sigma``, and a rising
+        noise level starts a new generation.
+        """
+        scale = self.timestep_scale
+        return None if not scale else timestep / scale
 
     @property
     def note(self) -> str:

@@ -73,8 +73,8 @@ class StepInfo:
         context: the denoising context (``"cond"``, ``"uncond"``, or ``"default"``).
         step: 0-based step of this context's generation.
         timestep: the timestep the model received (its own convention), if it has one.
-        sigma: the noise level in ``[0, 1]`` (``timestep`` divided by the adapter's
-            :attr:`~hicache_sdk.Adapter.timestep_scale`), or ``None`` when unknown.
+        sigma: the noise level in ``[0, 1]`` (from ``timestep`` by the adapter's
+            :meth:`~hicache_sdk.Adapter.noise_level`), or ``None`` when unknown.
         total_steps: steps of this generation, when the pipeline (or ``handle.reset``) tells it.
         batch_size: samples in the model's input (CFG batched into one call counts both halves).
         latents: the model's main input (``hidden_states``), or ``None``; read it, never write it.

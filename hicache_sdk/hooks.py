@@ -44,10 +44,11 @@ class _StepHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, runtime: Runtime, steps_of: StepsProvider | None = None) -> None:
+    def __init__(self, runtime: Runtime, steps_of: StepsProvider | None = None, name: str = "") -> None:
         super().__init__()
         self.runtime = runtime
         self.steps_of = steps_of
+        self.name = name
         # diffusers sets the pipeline's cache context on every StateManager of a stateful hook
         self.state_manager = StateManager(cast(Any, _NoState))
         self._signature_of: Callable[..., Any] | None = None
@@ -95,6 +96,7 @@ class _StepHook(ModelHook):
             step_index=getattr(context, "step_index", None),
             batch_size=None if latents is None or latents.dim() == 0 else int(latents.shape[0]),
             latents=latents,
+            model=self.name,
         )
 
     def _context(self) -> Any:
@@ -137,12 +139,15 @@ def _noise_level(timestep: Any) -> float | None:
     return None
 
 
-def attach_step_hook(model: torch.nn.Module, runtime: Runtime, *, steps_of: StepsProvider | None = None) -> None:
+def attach_step_hook(
+    model: torch.nn.Module, runtime: Runtime, *, steps_of: StepsProvider | None = None, name: str = ""
+) -> None:
     """Track steps and contexts on ``model``'s forward.
 
-    ``steps_of`` tells the number of steps of a generation when the pipeline's cache context does not.
+    ``steps_of`` tells the number of steps of a generation when the pipeline's cache context does
+    not; ``name`` is the denoiser's name in the runtime (:meth:`Runtime.add_model`).
     """
-    hook = _StepHook(runtime, steps_of)
+    hook = _StepHook(runtime, steps_of, name)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
 
 

@@ -9,7 +9,7 @@ transformer forward, and runs the forward again when the policy rejects a drafte
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import attrs
@@ -98,7 +98,7 @@ class Runtime:
     Attributes:
         num_blocks: blocks of the attached model (every block list), set when attached.
         observed_blocks: the adapter's :attr:`~hicache_sdk.Adapter.observed_blocks`.
-        timestep_scale: the adapter's :attr:`~hicache_sdk.Adapter.timestep_scale`.
+        noise_level: the adapter's :meth:`~hicache_sdk.Adapter.noise_level` (timestep to sigma).
     """
 
     def __init__(
@@ -116,7 +116,10 @@ class Runtime:
         self.reduce = reduce
         self.num_blocks = 0
         self.observed_blocks = 0
-        self.timestep_scale: float | None = None
+        self.noise_level: Callable[[float], float | None] | None = None
+        self._models: dict[str, tuple[int, int, Callable[[float], float | None] | None, str]] = {}
+        self._prefix = ""  # unit key prefix of the denoiser now running
+        self._served: set[str] = set()  # unit keys served in the current step
         self.contexts: dict[str, ContextState] = {}
         self.current: ContextState | None = None
         self.generations = 0
@@ -136,6 +139,28 @@ class Runtime:
         self.observers: list[UnitObserver] = []
         #: called at the start of every generation of every context (e.g. to refuse another cache)
         self.generation_checks: list[Callable[[], None]] = []
+
+    # -- denoisers ---------------------------------------------------------------------------
+    def add_model(
+        self,
+        name: str,
+        *,
+        num_blocks: int,
+        observed_blocks: int = 0,
+        noise_level: Callable[[float], float | None] | None = None,
+    ) -> None:
+        """Serve one more denoiser of the pipeline (``name``: its attribute, e.g. ``"transformer_2"``).
+
+        Its units are keyed ``"<name>.<key>"`` (the first denoiser added, or ``""``, keeps bare
+        keys); its blocks, observed blocks and timestep convention apply while it runs.
+        """
+        self._models[name] = (num_blocks, observed_blocks, noise_level, f"{name}." if self._models else "")
+        self._select_model(name)
+
+    def _select_model(self, name: str) -> None:
+        found = self._models.get(name)
+        if found is not None:
+            self.num_blocks, self.observed_blocks, self.noise_level, self._prefix = found
 
     # -- steps -------------------------------------------------------------------------------
     def end_generation(self, num_steps: int | None = None) -> None:
@@ -180,51 +205,67 @@ class Runtime:
         step_index: int | None = None,
         batch_size: int | None = None,
         latents: torch.Tensor | None = None,
+        model: str = "",
     ) -> None:
         """Called before a transformer forward in ``context`` at ``timestep`` (noise level).
 
         A new generation starts for a context never seen in this generation, after
-        :meth:`end_generation`, when the noise level rises above the previous call's (an equal
+        :meth:`end_generation`, when the noise level (sigma, from the adapter's timestep
+        convention; the raw timestep when unknown) rises above the previous call's (an equal
         level does not: Heun-style samplers evaluate a level twice), when the inputs' shapes or
         dtypes change, or when the pipeline's loop index (``step_index``, which some pipelines
         pass in their cache context) returns to 0. ``total_steps`` is the number of steps of the
         generation when the pipeline tells it (read at the generation's first step);
         ``batch_size`` and ``latents`` (the model's main input) are shown to the policy.
+
+        ``model`` names which of the pipeline's denoisers is called (:meth:`add_model`): when a
+        generation passes from one to the next (Wan 2.2's high- and low-noise experts), it goes
+        on, with its step count; the new expert's units start empty and that step computes in full.
         """
         if self._ended:
             self.contexts.clear()
             self._ended = False
+        self._select_model(model)
         name = context or DEFAULT_CONTEXT
+        sigma = None if timestep is None or self.noise_level is None else self.noise_level(timestep)
+        level = sigma if sigma is not None else timestep  # the noise level, or the raw timestep if unknown
         ctx = self.contexts.get(name)
         if ctx is None:
             ctx = self.contexts[name] = ContextState(name, self.reduce, self.num_blocks)
             self._start_generation(ctx, total_steps)
         elif (
-            (timestep is not None and ctx.last_timestep is not None and timestep > ctx.last_timestep)
-            or signature != ctx.signature
+            (level is not None and ctx.last_level is not None and level > ctx.last_level)
+            or (signature != ctx.signature and model == ctx.model)
             or (step_index == 0 and ctx.last_step_index not in (None, 0))
         ):
             self._start_generation(ctx, total_steps)  # a new denoising run
+        switched = ctx.model is not None and ctx.model != model
+        ctx.model = model
         ctx.step += 1
-        ctx.last_timestep = timestep
+        ctx.last_level = level
         ctx.last_step_index = step_index
         ctx.signature = signature
         self.current = ctx
-        self._signature = signature
+        self._signature = (model, *signature) if model else signature
         self._excluded = 0.0
         self._step_forecasts = 0
         self._step_recorded = False
         self._mask = None
+        self._served.clear()
         if ctx.guard_reason is not None:
             ctx.full = True
             ctx.guarded_steps += 1
+        elif switched:
+            ctx.full = True  # a new expert: nothing of it is cached yet, and the policy starts afresh on it
+            ctx.policy_state = self.policy.new_policy_state()
+            note = f"denoiser switched to {model or 'the first one'}: that step computed in full"
+            ctx.guard_notes[note] = ctx.guard_notes.get(note, 0) + 1
         else:
-            sigma = None if timestep is None or not self.timestep_scale else timestep / self.timestep_scale
             info = StepInfo(name, ctx.step, timestep, sigma, ctx.total_steps, batch_size, latents)
             ctx.full = False  # a policy may fail open while planning
             ctx.full = bool(self.policy.plan_step(ctx, info)) or ctx.full
         self._draft = _Draft(ctx) if self._can_reject and not ctx.full else None
-        if signature not in self.flops.model and ctx.full:
+        if self._signature not in self.flops.model and ctx.full:
             self._counter = flop_counter_mode()
             self._counter.__enter__()
 
@@ -277,6 +318,7 @@ class Runtime:
             ctx.flops_overhead += total - saved  # what the draft forward executed
         ctx.rejected_steps += 1
         ctx.full = True
+        self._served.clear()
         self._draft = None
         self._step_forecasts = 0
         self._mask = None
@@ -305,6 +347,7 @@ class Runtime:
         batch_rows: BatchRows | None = None,
         block: int = -1,
         kind: str = "block",
+        inputs: Hashable = None,
     ) -> UnitOutputs:
         """Outputs of the cacheable computation ``key`` at the current step.
 
@@ -315,12 +358,22 @@ class Runtime:
         unit for the samples in ``index``). Outside a transformer forward ``compute()`` simply
         runs. ``streams`` names the outputs; ``None`` takes as many unnamed streams as the first
         computation returns. ``block`` and ``kind`` say where the unit sits and what it computes
-        (:class:`~hicache_sdk.decision.UnitInfo`).
+        (:class:`~hicache_sdk.decision.UnitInfo`). ``inputs``, when given, describes the unit's
+        inputs (e.g. their shapes): when it changes, the unit's ladders restart and it computes
+        (a token count that changes within a generation).
 
         Under ``torch.compile`` only ``compute()`` is traced: serving and recording are kept out
         of the graph, so step counters and forecast weights never cause a recompilation.
         """
-        served = self._serve(key, compute, streams, token_paths, batch_rows, block, kind)
+        key = self._prefix + key
+        if self.current is not None:
+            if key in self._served:
+                raise AdapterMismatchError(
+                    f"unit {key!r} was served twice in one step: a module called several times per block "
+                    "(e.g. one feed-forward for image and text tokens) needs one unit key per call"
+                )
+            self._served.add(key)
+        served = self._serve(key, compute, streams, token_paths, batch_rows, block, kind, inputs)
         if served is not None:
             return served
         outputs = _as_tuple(compute())
@@ -337,6 +390,7 @@ class Runtime:
         batch_rows: BatchRows | None = None,
         block: int = -1,
         kind: str = "block",
+        inputs: Hashable = None,
     ) -> UnitOutputs | None:
         """The unit's outputs if they are not computed whole at this step, else ``None``."""
         ctx = self.current
@@ -350,6 +404,10 @@ class Runtime:
             state = ctx.units[key] = UnitState(
                 key, streams, self.policy.max_order, self.cache_dtype, block=block, kind=kind
             )
+        if inputs is not None and state.inputs != inputs:
+            if state.inputs is not None:
+                state.restart()  # new input shapes: the old anchors do not forecast these outputs
+            state.inputs = inputs
         decision = Decision.COMPUTE if ctx.full or state.empty else self.policy.decide(ctx, state)
         rows: torch.Tensor | None = None
         if isinstance(decision, torch.Tensor):
@@ -511,6 +569,11 @@ class Runtime:
             if stream in served
         )
         return min(1.0, recomputed / total) if total else 0.0
+
+    @property
+    def watches_blocks(self) -> bool:
+        """Whether the policy looks at blocks (:meth:`block` does nothing otherwise)."""
+        return self._watches_blocks
 
     @torch.compiler.disable
     def block(self, index: int, tokens_in: torch.Tensor, tokens_out: torch.Tensor) -> None:

@@ -92,6 +92,13 @@ class UnitState:
         self.counts = UnitCounts()
         #: (shape, dtype, device) of each output at the newest computation; forecasts must match it
         self.layout: tuple[Any, ...] = ()
+        #: what the adapter said of the unit's inputs at its last call (``None``: not told)
+        self.inputs: Any = None
+
+    def restart(self) -> None:
+        """Forget the anchors (the counters stay): the unit computes at its next call."""
+        for ladder in self.ladders:
+            ladder.reset()
 
     def set_streams(self, streams: Sequence[str]) -> None:
         """Name the unit's output streams (one ladder each)."""
@@ -145,12 +152,13 @@ class ContextState:
         """Start a new generation: forget units, counters and policy state."""
         self.step = -1
         self.full = True
-        self.last_timestep: float | None = None
+        self.last_level: float | None = None  # noise level of the last step (sigma, or the raw timestep)
         self.last_step_index: int | None = None  # the pipeline's loop index, when its cache context has one
         self.signature: tuple[Any, ...] | None = None  # shapes and dtypes of the forward's tensor inputs
         self.total_steps: int | None = None  # steps of this generation, when the pipeline tells it
         self.units: dict[str, UnitState] = {}
         self.policy_state: Any = None
+        self.model: str | None = None  # the denoiser of the last step (pipelines with several, e.g. Wan 2.2)
         self.full_steps = 0
         self.forecast_steps = 0
         self.flops_total = 0.0

@@ -90,8 +90,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "generation-on-equal-level",
         "hicache_sdk/runtime.py",
-        "timestep > ctx.last_timestep",
-        "timestep >= ctx.last_timestep",
+        "level > ctx.last_level",
+        "level >= ctx.last_level",
         ("tests/test_generation_lifecycle.py", "tests/test_contexts.py"),
         "an equal noise level starts a new generation",
     ),

@@ -153,7 +153,7 @@ def test_first_block_per_sample_counts_only_the_flops_it_saved() -> None:
 
 def test_per_sample_needs_an_adapter_that_splits_batches() -> None:
     with pytest.raises(sdk.AdapterMismatchError, match="per_sample"):
-        sdk.compose("first_block", per_sample=True).apply(tiny_pixart())
+        sdk.compose("first_block", per_sample=True, adapter="generic").apply(tiny_pixart())
 
 
 @pytest.mark.parametrize(

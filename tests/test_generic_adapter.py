@@ -22,6 +22,7 @@ from helpers import (
 
 import hicache_sdk as sdk
 from hicache_sdk.errors import AdapterMismatchError
+from hicache_sdk.testing.families import FAMILY_CASES
 
 # name: (factory, inputs, timestep scale, block list attribute)
 MODELS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[..., dict[str, Any]], float, str]] = {
@@ -53,7 +54,7 @@ def loop(case: dict[str, Any], steps: int = STEPS) -> torch.Tensor:
 @pytest.mark.parametrize("basis", ["taylor", "hermite", "newton"])
 @pytest.mark.parametrize("policy", ["fora", "taylorseer"])
 def test_interval_one_equals_no_cache_exactly(case: dict[str, Any], policy: str, basis: str) -> None:
-    with sdk.compose(policy, basis=basis, interval=1).apply(case["model"]) as handle:
+    with sdk.compose(policy, basis=basis, interval=1, adapter="generic").apply(case["model"]) as handle:
         out = loop(case)
     assert torch.equal(out, case["reference"])
     summary = handle.summary()
@@ -61,15 +62,14 @@ def test_interval_one_equals_no_cache_exactly(case: dict[str, Any], policy: str,
     assert (summary.full_steps, summary.forecast_steps) == (STEPS, 0)
 
 
-def test_chosen_automatically_and_the_summary_says_so(case: dict[str, Any]) -> None:
-    with sdk.compose("taylorseer", interval=3, warmup=1, max_order=2).apply(case["model"]) as handle:
+def test_forced_on_a_family_with_its_own_adapter(case: dict[str, Any]) -> None:
+    with sdk.compose("taylorseer", interval=3, warmup=1, max_order=2, adapter="generic").apply(case["model"]) as handle:
         out = loop(case)
     summary = handle.summary()
     assert torch.isfinite(out).all()
     assert not torch.equal(out, case["reference"])
     assert summary.adapter == "generic"
-    assert any("chosen automatically" in note for note in summary.notes)
-    assert "chosen automatically" in summary.table()
+    assert any("whole-block residual units" in note for note in summary.notes)
     blocks = len(getattr(case["model"], case["blocks"]))
     assert [u.key for u in summary.units] == [f"{case['blocks']}.{i}" for i in range(blocks)]
     assert all((u.computed, u.forecast) == (3, 5) for u in summary.units)  # full at 0, 3, 6
@@ -97,7 +97,7 @@ def test_forecast_steps_skip_whole_blocks_and_add_the_residual(case: dict[str, A
         *(m.register_forward_pre_hook(count) for m in block.modules() if m is not block),
     ]
     try:
-        with sdk.compose("fora", interval=3).apply(model):
+        with sdk.compose("fora", interval=3, adapter="generic").apply(model):
             loop(case, steps=3)  # full, forecast, forecast
     finally:
         for h in handles:
@@ -118,7 +118,7 @@ def test_sd3_context_pre_only_block_returns_none_on_forecasts() -> None:
     last = model.transformer_blocks[-1]
     handle_hook = last.register_forward_hook(lambda m, a, out: outputs.append(out))
     try:
-        with sdk.compose("taylorseer", interval=3, warmup=1).apply(model) as handle:
+        with sdk.compose("taylorseer", interval=3, warmup=1, adapter="generic").apply(model) as handle:
             out = run_loop(model, inputs, steps=4, scale=1000.0)
     finally:
         handle_hook.remove()
@@ -144,7 +144,7 @@ def test_generic_adapter_can_be_forced_on_flux() -> None:
 
 def test_token_policies_need_a_token_adapter() -> None:
     with pytest.raises(AdapterMismatchError, match=r"policy 'clusca' recomputes units on chosen tokens.*'generic'"):
-        sdk.compose("clusca").apply(tiny_pixart())
+        sdk.compose("clusca", adapter="generic").apply(tiny_pixart())
     with pytest.raises(AdapterMismatchError, match="no token-wise units"):
         sdk.compose("clusca", adapter="generic").apply(tiny_flux())
 
@@ -192,6 +192,19 @@ def test_a_model_without_block_lists_is_a_clear_error() -> None:
     assert torch.equal(model(x), expected)
     with pytest.raises(AdapterMismatchError, match=r"no registered adapter fits NoBlocks"):
         sdk.compose("fora").apply(model)  # refused for the same reason, not AlreadyAttachedError
+
+
+def test_chosen_automatically_when_no_family_adapter_fits_and_the_summary_says_so() -> None:
+    case = FAMILY_CASES["cogview4"]  # no built-in adapter for CogView4
+    model = case.build()
+    with sdk.compose("taylorseer", interval=3, warmup=1).apply(model) as handle:
+        for step in range(4):
+            model(**case.inputs(1, 1.0 - step / 4, 0))
+    summary = handle.summary()
+    assert summary.adapter == "generic"
+    assert any("chosen automatically: no specific adapter fits" in note for note in summary.notes)
+    assert "chosen automatically" in summary.table()
+    assert summary.forecast_steps > 0
 
 
 def test_an_unknown_block_output_layout_is_a_clear_error() -> None:

@@ -104,7 +104,7 @@ def test_unknown_names_of_every_kind() -> None:
     ):
         sdk.get_policy("taylorsear")
     with pytest.raises(
-        UnknownPluginError, match=r"unknown adapter 'zzz'; registered adapters: 'flux', 'generic'"
+        UnknownPluginError, match=r"unknown adapter 'zzz'; registered adapters: 'chroma', .*'flux', .*'generic'"
     ) as info:
         sdk.get_adapter("zzz")
     assert "Did you mean" not in str(info.value)
@@ -468,7 +468,7 @@ def test_registry_loads_entry_points_once() -> None:
     names = [name for name, _ in registry.manager.list_name_plugin()]
     registry.load_entry_points()
     assert [name for name, _ in registry.manager.list_name_plugin()] == names
-    assert sorted(names) == ["bases", "flux", "generic", "policies"]
+    assert sorted(names) == ["bases", "families", "flux", "generic", "policies"]
 
 
 # -- bad basis parameters through the registry -----------------------------------------------------

@@ -7,6 +7,13 @@ is exact in its no-cache setting, its summary and FLOPs agree with torch's FlopC
 non-finite forecasts fall back, and bad configs are refused. Each rule is also a ``check_*``
 function. Bases, below.
 
+Adapters: :func:`check_adapter_contract` (or the :class:`AdapterContract` mixin) runs an adapter
+on a :class:`ModelCase`, a tiny random-weight model of its family with the arguments of one
+denoising step (:data:`FAMILY_CASES` has one per built-in family), and checks that it is chosen
+for its model and refuses others, is exact at interval 1 in float32 and bfloat16, really skips
+the modules of forecast units, counts its FLOPs right, is removed cleanly, keeps CFG contexts
+apart and splits batches correctly (see :mod:`hicache_sdk.testing.adapter_contract`).
+
 Run them on your own basis as a plain function, with or without pytest::
 
     from hicache_sdk.testing import check_basis_contract
@@ -32,6 +39,18 @@ lazily, only when that check runs: it is a dependency of the ``test`` extra
 
 from __future__ import annotations
 
+from .adapter_contract import (
+    AdapterContract,
+    AdapterLike,
+    check_adapter_batches,
+    check_adapter_contexts_isolated,
+    check_adapter_contract,
+    check_adapter_exact_at_interval_one,
+    check_adapter_flops,
+    check_adapter_remove_restores,
+    check_adapter_selected,
+    check_adapter_skips_forecast_modules,
+)
 from .basis_contract import (
     BasisContract,
     check_basis_contract,
@@ -44,6 +63,8 @@ from .basis_contract import (
     check_reset_equals_fresh,
     check_weights,
 )
+from .families import FAMILY_CASES
+from .model_case import ModelCase, cast_floating, main_output
 from .policy_contract import (
     DEFAULT_STEPS,
     PolicyContract,
@@ -64,10 +85,23 @@ from .policy_contract import (
 
 __all__ = [
     "DEFAULT_STEPS",
+    "FAMILY_CASES",
+    "AdapterContract",
+    "AdapterLike",
     "BasisContract",
+    "ModelCase",
     "PolicyContract",
     "PolicyLike",
     "caching_params",
+    "cast_floating",
+    "check_adapter_batches",
+    "check_adapter_contexts_isolated",
+    "check_adapter_contract",
+    "check_adapter_exact_at_interval_one",
+    "check_adapter_flops",
+    "check_adapter_remove_restores",
+    "check_adapter_selected",
+    "check_adapter_skips_forecast_modules",
     "check_bad_config_refused",
     "check_basis_contract",
     "check_basis_identity",
@@ -87,5 +121,6 @@ __all__ = [
     "check_reset_equals_fresh",
     "check_summary_and_flops",
     "check_weights",
+    "main_output",
     "no_cache_params",
 ]
