@@ -86,9 +86,9 @@ def _block_forward(
     signature: list[inspect.Signature] = []
 
     def forward(block: torch.nn.Module, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if not signature:
-            signature.append(inspect.signature(original))
-        inputs = signature[0].bind_partial(*args, **kwargs).arguments
+        if not signature:  # the class's forward: a patched instance forward may take (*args, **kwargs)
+            signature.append(inspect.signature(type(block).forward))
+        inputs = signature[0].bind_partial(block, *args, **kwargs).arguments
         computed: list[Any] = []
 
         def compute() -> tuple[torch.Tensor, ...]:

@@ -7,6 +7,7 @@ holding a ``StateManager`` receives the pipeline's ``transformer.cache_context(.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -49,6 +50,9 @@ class _StepHook(ModelHook):
         self.runtime = runtime
         self.steps_of = steps_of
         self.name = name
+        # the latents and timestep of the last call made outside any cache context (see _branch)
+        self._last_call: tuple[weakref.ref[torch.Tensor], int, Any] | None = None
+        self._branch = 0
         # diffusers sets the pipeline's cache context on every StateManager of a stateful hook
         self.state_manager = StateManager(cast(Any, _NoState))
         self._signature_of: Callable[..., Any] | None = None
@@ -83,13 +87,16 @@ class _StepHook(ModelHook):
             if isinstance(value, torch.Tensor)
         )
         context = self._context()
+        latents = arguments.get("hidden_states")
+        latents = latents if isinstance(latents, torch.Tensor) else None
+        name = None if context is None else str(context.name)
+        if context is None:
+            name = self._unnamed_branch(latents, arguments.get("timestep"))
         total = getattr(context, "num_inference_steps", None)
         if total is None and self.steps_of is not None:
             total = self.steps_of()
-        latents = arguments.get("hidden_states")
-        latents = latents if isinstance(latents, torch.Tensor) else None
         self.runtime.begin_step(
-            None if context is None else str(context.name),
+            name,
             _noise_level(arguments.get("timestep")),
             signature,
             total_steps=total,
@@ -98,6 +105,29 @@ class _StepHook(ModelHook):
             latents=latents,
             model=self.name,
         )
+
+    def _unnamed_branch(self, latents: torch.Tensor | None, timestep: Any) -> str | None:
+        """The context of a call made outside any cache context.
+
+        A pipeline that runs classifier-free guidance as two calls on the same latents at the same
+        timestep without naming them (diffusers' Flux img2img, inpainting and Kontext pipelines
+        with ``true_cfg_scale``) gets one context per call: ``None`` (the default) for the first,
+        ``"default#2"`` for the second. The same latents *tensor* is recognised by identity and
+        version, which reads no data; a second-order sampler's repeated level comes with new
+        latents and stays one context.
+        """
+        level = _noise_level(timestep)
+        last = self._last_call
+        same = (
+            latents is not None
+            and last is not None
+            and last[0]() is latents
+            and last[1] == latents._version
+            and last[2] == level
+        )
+        self._branch = self._branch + 1 if same else 0
+        self._last_call = None if latents is None else (weakref.ref(latents), latents._version, level)
+        return None if self._branch == 0 else f"default#{self._branch + 1}"
 
     def _context(self) -> Any:
         try:

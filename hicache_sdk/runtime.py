@@ -233,12 +233,15 @@ class Runtime:
         if ctx is None:
             ctx = self.contexts[name] = ContextState(name, self.reduce, self.num_blocks)
             self._start_generation(ctx, total_steps)
-        elif (
-            (level is not None and ctx.last_level is not None and level > ctx.last_level)
-            or (signature != ctx.signature and model == ctx.model)
-            or (step_index == 0 and ctx.last_step_index not in (None, 0))
+        elif (level is not None and ctx.last_level is not None and level > ctx.last_level) or (
+            step_index == 0 and ctx.last_step_index not in (None, 0)
         ):
             self._start_generation(ctx, total_steps)  # a new denoising run
+        elif signature != ctx.signature and model == ctx.model:
+            # new input shapes mid-run (a token count that changes): the cached features no longer
+            # fit, so the run restarts, with the steps it has left (an always-full tail still comes)
+            left = None if ctx.total_steps is None else max(ctx.total_steps - ctx.step - 1, 1)
+            self._start_generation(ctx, left)
         switched = ctx.model is not None and ctx.model != model
         ctx.model = model
         ctx.step += 1
