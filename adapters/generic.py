@@ -20,7 +20,7 @@ from hicache_sdk.adapter import Adapter, BlockBinding
 from hicache_sdk.errors import AdapterMismatchError
 from hicache_sdk.runtime import Runtime
 
-__all__ = ["BLOCK_LISTS", "OUTPUT_LAYOUTS", "TIMESTEP_SCALES", "GenericAdapter"]
+__all__ = ["BLOCK_LISTS", "OUTPUT_LAYOUTS", "REVERSED_TIMESTEPS", "TIMESTEP_SCALES", "GenericAdapter"]
 
 #: Attributes holding block lists, in the order a model runs them.
 BLOCK_LISTS: tuple[str, ...] = (
@@ -28,6 +28,11 @@ BLOCK_LISTS: tuple[str, ...] = (
     "single_transformer_blocks",
     "blocks",
     "temporal_transformer_blocks",
+    "double_stream_blocks",
+    "single_stream_blocks",
+    "noise_refiner",
+    "context_refiner",
+    "layers",
 )
 
 #: The timestep a model class receives at noise level 1 (others: 1000, the diffusers default).
@@ -36,7 +41,11 @@ TIMESTEP_SCALES: dict[str, float] = {
     "ChromaTransformer2DModel": 1.0,
     "QwenImageTransformer2DModel": 1.0,
     "Flux2Transformer2DModel": 1.0,
+    "ZImageTransformer2DModel": 1.0,
 }
+
+#: Model classes whose timestep counts time the other way: ``timestep_scale * (1 - sigma)``.
+REVERSED_TIMESTEPS: frozenset[str] = frozenset({"ZImageTransformer2DModel"})
 
 #: Input argument each output of a block class is the updated version of (``None`` entries allowed).
 OUTPUT_LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -48,6 +57,12 @@ OUTPUT_LAYOUTS: dict[str, tuple[str, ...]] = {
     "HunyuanVideoSingleTransformerBlock": ("hidden_states", "encoder_hidden_states"),
     "CogVideoXBlock": ("hidden_states", "encoder_hidden_states"),
     "CogView4TransformerBlock": ("hidden_states", "encoder_hidden_states"),
+    "ChromaTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "Flux2TransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "Flux2SingleTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "HunyuanVideo15TransformerBlock": ("hidden_states", "encoder_hidden_states"),
+    "HiDreamBlock": ("hidden_states", "encoder_hidden_states"),
+    "ZImageTransformerBlock": ("x",),
 }
 
 
@@ -61,11 +76,11 @@ def _block_lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]
 
 
 def _layout(block: torch.nn.Module, output: Any) -> tuple[str, ...]:
-    if isinstance(output, torch.Tensor):
-        return ("hidden_states",)
     # a subclass of a known block (a user's tweak) keeps its parent's layout
     known = (OUTPUT_LAYOUTS[c.__name__] for c in type(block).__mro__ if c.__name__ in OUTPUT_LAYOUTS)
     layout = next(known, None)
+    if isinstance(output, torch.Tensor):  # one output: hidden_states, or the block's only listed input
+        return layout if layout is not None and len(layout) == 1 else ("hidden_states",)
     if layout is None or len(layout) != len(output):
         raise AdapterMismatchError(
             f"the generic adapter does not know how the {len(output)} outputs of {type(block).__name__} "
@@ -118,8 +133,9 @@ def _block_forward(
             rebuilt = iter(residuals)
             outputs = [None if name is None else inputs[name] + next(rebuilt) for name in layouts[key]]
             output = outputs[0] if len(outputs) == 1 else tuple(outputs)
-        if "hidden_states" in layouts[key]:
-            runtime.block(index, inputs["hidden_states"], outputs[layouts[key].index("hidden_states")])
+        image = "hidden_states" if "hidden_states" in layouts[key] else layouts[key][0]
+        if image is not None and isinstance(inputs.get(image), torch.Tensor):
+            runtime.block(index, inputs[image], outputs[layouts[key].index(image)])
         return output
 
     return forward
@@ -159,6 +175,10 @@ class GenericAdapter(Adapter):
     def timestep_scale(self) -> float:
         """From :data:`TIMESTEP_SCALES` by the model's class (1000 for classes it does not list)."""
         return TIMESTEP_SCALES.get(type(self.model).__name__, 1000.0)
+
+    def noise_level(self, timestep: float) -> float | None:
+        level = timestep / self.timestep_scale
+        return 1.0 - level if type(self.model).__name__ in REVERSED_TIMESTEPS else level
 
     @property
     def note(self) -> str:

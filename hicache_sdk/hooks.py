@@ -91,13 +91,13 @@ class _StepHook(ModelHook):
         latents = latents if isinstance(latents, torch.Tensor) else None
         name = None if context is None else str(context.name)
         if context is None:
-            name = self._unnamed_branch(latents, arguments.get("timestep"))
+            name = self._unnamed_branch(latents, _timestep_of(arguments))
         total = getattr(context, "num_inference_steps", None)
         if total is None and self.steps_of is not None:
             total = self.steps_of()
         self.runtime.begin_step(
             name,
-            _noise_level(arguments.get("timestep")),
+            _noise_level(_timestep_of(arguments)),
             signature,
             total_steps=total,
             step_index=getattr(context, "step_index", None),
@@ -159,6 +159,14 @@ def _main_output(output: Any) -> torch.Tensor | None:
         return output[0]
     sample = getattr(output, "sample", None)
     return sample if isinstance(sample, torch.Tensor) else None
+
+
+#: Names a transformer forward gives its timestep (most: ``timestep``; HiDream ``timesteps``; Z-Image ``t``).
+TIMESTEP_ARGUMENTS: tuple[str, ...] = ("timestep", "timesteps", "t")
+
+
+def _timestep_of(arguments: dict[str, Any]) -> Any:
+    return next((arguments[name] for name in TIMESTEP_ARGUMENTS if arguments.get(name) is not None), None)
 
 
 def _noise_level(timestep: Any) -> float | None:

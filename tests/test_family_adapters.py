@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,3 +120,25 @@ def test_family_adapter_classes_belong_to_the_declaring_module() -> None:
 def test_bad_declarations_are_refused(make: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_the_supported_models_page_lists_every_adapter_with_its_model_class() -> None:
+    page = (Path(__file__).parents[1] / "docs" / "reference" / "adapters" / "families.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| ")}
+    for name, registration in sdk.get_registry().entries("adapter").items():
+        assert name in rows, f"adapter {name!r} is missing from the supported-models matrix"
+        family = getattr(registration.obj, "family", None)
+        if family is not None:
+            assert f"`{family.models[0]}`" in rows[name]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CASES))
+def test_the_generic_adapter_serves_every_family_as_a_fallback(family: str) -> None:
+    """What a model of a family falls back to when its blocks were modified: exact at interval 1, then caching."""
+    model = FAMILY_CASES[family].build()
+    reference = generate(model, family)
+    with sdk.compose("fora", interval=1, adapter="generic").apply(model):
+        assert all(torch.equal(a, b) for a, b in zip(generate(model, family), reference, strict=True))
+    with sdk.compose("taylorseer", interval=2, warmup=1, adapter="generic").apply(model) as handle:
+        outputs = generate(model, family)
+    assert handle.summary().forecast_steps == 3 and all(torch.isfinite(o).all() for o in outputs)  # steps 1, 3, 5
