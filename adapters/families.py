@@ -19,8 +19,6 @@ from .fused_blocks import chroma_single_forward, hunyuan_video_single_forward
 
 __all__ = ["FAMILIES"]
 
-_TAYLORSEER = "TaylorSeer (Shenyi-Z/TaylorSeer) caches attention and MLP outputs before their gates"
-
 
 def _joint_attention(module: str = "attn") -> Unit:
     return Unit(module, "attention", streams=("img", "txt"))
@@ -70,7 +68,8 @@ FAMILIES: tuple[Family, ...] = (
         timestep_scale=1.0,
         observed_lists=("transformer_blocks",),
         token_paths=True,
-        source="HiCache's Qwen-Image code: image and text attention, image and text MLPs, before their gates",
+        source="Cache4Diffusion's Qwen-Image TaylorSeer forward and the HiCache Qwen-Image code: image and text "
+        "attention, image and text MLPs, before their gates",
     ),
     Family(
         "wan",
@@ -79,7 +78,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks=(_cross_attention_block("WanTransformerBlock", "ffn"),),
         observed_lists=("blocks",),
         token_paths=True,
-        source=f"{_TAYLORSEER}; its Wan2.1 code: self-attention, cross-attention, FFN",
+        source="TaylorSeer-Wan2.1 (wan_attention_forward): self-attention, cross-attention, FFN",
     ),
     Family(
         "hunyuanvideo",
@@ -91,7 +90,8 @@ FAMILIES: tuple[Family, ...] = (
         ),
         observed_lists=("transformer_blocks",),
         token_paths=True,
-        source=f"{_TAYLORSEER}; its HunyuanVideo code: double-stream attention and MLPs, single-stream fused output",
+        source="TaylorSeer-HunyuanVideo (MMDoubleStreamBlock, MMSingleStreamBlock): image and text attention and "
+        "MLPs; the single-stream block's fused output projection",
     ),
     Family(
         "hunyuanvideo15",
@@ -100,7 +100,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks=(_double_stream("HunyuanVideo15TransformerBlock", image_output=0),),
         observed_lists=("transformer_blocks",),
         token_paths=True,
-        source="the HunyuanVideo units applied to 1.5's double-stream blocks (no reference code caches 1.5)",
+        source="no reference caching code for 1.5: TaylorSeer-HunyuanVideo's double-stream units",
     ),
     Family(
         "sd3",
@@ -120,7 +120,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
         observed_lists=("transformer_blocks",),
         token_paths=True,
-        source="the Flux double-stream units of TaylorSeer, on SD3's joint blocks",
+        source="no reference caching code for SD3: TaylorSeer-FLUX's double-stream units, on SD3's joint blocks",
     ),
     Family(
         "pixart",
@@ -129,7 +129,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks=(_cross_attention_block("BasicTransformerBlock"),),
         observed_lists=("transformer_blocks",),
         token_paths=True,
-        source="ToCa / TaylorSeer's PixArt-alpha code: self-attention, cross-attention, MLP",
+        source="PixArt-Taylor (PixArtBlock, unofficial): self-attention, cross-attention, MLP",
     ),
     Family(
         "dit",
@@ -138,7 +138,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks=(_cross_attention_block("BasicTransformerBlock"),),
         observed_lists=("transformer_blocks",),
         token_paths=True,
-        source=f"{_TAYLORSEER}; its DiT-XL/2 code: attention and MLP of each class-conditional block",
+        source="TaylorSeer-DiT (DiTBlock): attention and MLP of each class-conditional block",
     ),
     Family(
         "cogvideox",
@@ -151,7 +151,8 @@ FAMILIES: tuple[Family, ...] = (
                 image_output=0,
             ),
         ),
-        source="attention and MLP of each expert block (the MLP runs on text and video tokens together)",
+        source="no reference caching code for CogVideoX: joint attention and the MLP (on text and video tokens "
+        "together), before their gates",
     ),
     Family(
         "ltx",
@@ -160,14 +161,15 @@ FAMILIES: tuple[Family, ...] = (
         blocks=(_cross_attention_block("LTXVideoTransformerBlock"),),
         observed_lists=("transformer_blocks",),
         token_paths=True,
-        source="self-attention, cross-attention and MLP of each block, as in the Wan and PixArt units",
+        source="no reference caching code for LTX-Video: self-attention, cross-attention, MLP as in TaylorSeer-Wan2.1",
     ),
     Family(
         "sana",
         models=("SanaTransformer2DModel",),
         block_lists=("transformer_blocks",),
         blocks=(_cross_attention_block("SanaTransformerBlock", token_wise=False),),
-        source="linear self-attention, cross-attention and the Mix-FFN (a convolution: no token path)",
+        source="no reference caching code for Sana: linear self-attention, cross-attention, Mix-FFN (a convolution: "
+        "no token path)",
     ),
     Family(
         "flux2",
@@ -180,7 +182,8 @@ FAMILIES: tuple[Family, ...] = (
         timestep_scale=1.0,
         observed_lists=("transformer_blocks",),
         token_paths=True,
-        source="the Flux units of TaylorSeer and HiCache; Flux2's single block fuses attention and MLP in `attn`",
+        source="no reference caching code for Flux.2: TaylorSeer-FLUX's units; the single block fuses attention and "
+        "MLP in `attn`",
     ),
     Family(
         "zimage",
@@ -198,7 +201,8 @@ FAMILIES: tuple[Family, ...] = (
         ),
         timestep_scale=1.0,
         timestep_reversed=True,
-        source="attention and feed-forward of every block, before their norms and gates",
+        source="no reference caching code for Z-Image: attention and feed-forward of every block, before their "
+        "output norms and gates",
     ),
     Family(
         "hidream",
@@ -226,7 +230,8 @@ FAMILIES: tuple[Family, ...] = (
         ),
         observed_lists=("double_stream_blocks",),
         token_paths=True,
-        source=f"{_TAYLORSEER}; its HiDream code: attention and (MoE) MLPs of both block kinds",
+        source="TaylorSeer-HiDream (HiDreamImageTransformerBlock, HiDreamImageSingleTransformerBlock): attention and "
+        "(MoE) MLPs of both block kinds",
     ),
     Family(
         "chroma",
@@ -239,7 +244,7 @@ FAMILIES: tuple[Family, ...] = (
         timestep_scale=1.0,
         observed_lists=("transformer_blocks",),
         token_paths=True,
-        source="the Flux units of TaylorSeer and HiCache (Chroma keeps Flux's blocks, with pruned modulation)",
+        source="no reference caching code for Chroma: TaylorSeer-FLUX's units (Chroma keeps Flux's blocks)",
     ),
 )
 
