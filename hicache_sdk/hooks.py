@@ -51,7 +51,7 @@ class _StepHook(ModelHook):
         self.steps_of = steps_of
         self.name = name
         # the latents and timestep of the last call made outside any cache context (see _branch)
-        self._last_call: tuple[weakref.ref[torch.Tensor], int, Any] | None = None
+        self._last_call: tuple[weakref.ref[torch.Tensor], int, Any, tuple[int, ...]] | None = None
         self._branch = 0
         # diffusers sets the pipeline's cache context on every StateManager of a stateful hook
         self.state_manager = StateManager(cast(Any, _NoState))
@@ -91,7 +91,7 @@ class _StepHook(ModelHook):
         latents = latents if isinstance(latents, torch.Tensor) else None
         name = None if context is None else str(context.name)
         if context is None:
-            name = self._unnamed_branch(latents, _timestep_of(arguments))
+            name = self._unnamed_branch(arguments)
         total = getattr(context, "num_inference_steps", None)
         if total is None and self.steps_of is not None:
             total = self.steps_of()
@@ -106,27 +106,31 @@ class _StepHook(ModelHook):
             model=self.name,
         )
 
-    def _unnamed_branch(self, latents: torch.Tensor | None, timestep: Any) -> str | None:
+    def _unnamed_branch(self, arguments: dict[str, Any]) -> str | None:
         """The context of a call made outside any cache context.
 
         A pipeline that runs classifier-free guidance as two calls on the same latents at the same
-        timestep without naming them (diffusers' Flux img2img, inpainting and Kontext pipelines
-        with ``true_cfg_scale``) gets one context per call: ``None`` (the default) for the first,
-        ``"default#2"`` for the second. The same latents *tensor* is recognised by identity and
-        version, which reads no data; a second-order sampler's repeated level comes with new
-        latents and stays one context.
+        timestep with other conditioning, without naming them (diffusers' Flux img2img, inpainting
+        and Kontext pipelines with ``true_cfg_scale``), gets one context per call: ``None`` (the
+        default) for the first, ``"default#2"`` for the second. Tensors are recognised by identity
+        (and version, where tracked), which reads no data. A second-order sampler's repeated level
+        comes with new latents, and a call repeated with the very same arguments is the same
+        branch: both stay one context.
         """
-        level = _noise_level(timestep)
+        latents = arguments.get("hidden_states")
+        level = _noise_level(_timestep_of(arguments))
+        others = tuple(id(v) for k, v in arguments.items() if k != "hidden_states" and isinstance(v, torch.Tensor))
+        if not isinstance(latents, torch.Tensor):
+            self._last_call, self._branch = None, 0
+            return None
+        version = -1 if latents.is_inference() else latents._version  # inference tensors track no version
         last = self._last_call
-        same = (
-            latents is not None
-            and last is not None
-            and last[0]() is latents
-            and last[1] == latents._version
-            and last[2] == level
-        )
-        self._branch = self._branch + 1 if same else 0
-        self._last_call = None if latents is None else (weakref.ref(latents), latents._version, level)
+        same_latents = last is not None and last[0]() is latents and last[1:3] == (version, level)
+        if same_latents and last is not None and last[3] != others:
+            self._branch += 1
+        elif not same_latents:
+            self._branch = 0
+        self._last_call = (weakref.ref(latents), version, level, others)
         return None if self._branch == 0 else f"default#{self._branch + 1}"
 
     def _context(self) -> Any:

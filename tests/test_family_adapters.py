@@ -142,3 +142,26 @@ def test_the_generic_adapter_serves_every_family_as_a_fallback(family: str) -> N
     with sdk.compose("taylorseer", interval=2, warmup=1, adapter="generic").apply(model) as handle:
         outputs = generate(model, family)
     assert handle.summary().forecast_steps == 3 and all(torch.isfinite(o).all() for o in outputs)  # steps 1, 3, 5
+
+
+def test_controlnet_residuals_between_blocks_are_served_as_usual() -> None:
+    """SD3 adds ControlNet residuals after its blocks: units inside the blocks still fit (exact at interval 1)."""
+    case = FAMILY_CASES["sd3"]
+    model = case.build()
+    control = [torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(1))]
+
+    def run() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [
+                case.output(model(**case.inputs(1, 1.0 - s / STEPS, 0), block_controlnet_hidden_states=control))
+                for s in range(STEPS)
+            ]
+
+    reference = run()
+    assert not torch.equal(reference[0], generate(model, "sd3")[0])  # the residuals change the output
+    with sdk.compose("fora", interval=1).apply(model) as handle:
+        assert all(torch.equal(a, b) for a, b in zip(run(), reference, strict=True))
+    assert handle.summary().adapter == "sd3"
+    with sdk.compose("taylorseer", interval=2, warmup=1).apply(model) as handle:
+        outputs = run()
+    assert handle.summary().forecast_steps == 3 and all(torch.isfinite(o).all() for o in outputs)
