@@ -75,8 +75,13 @@ def _seeded(seed: int) -> torch.Generator:
 
 
 # -- Flux --------------------------------------------------------------------------------------
-def tiny_flux(seed: int = 0, *, num_layers: int = 2, num_single_layers: int = 2) -> FluxTransformer2DModel:
-    """A FluxTransformer2DModel with 2 heads of 8 channels and random weights, in eval mode."""
+def tiny_flux(
+    seed: int = 0, *, num_layers: int = 2, num_single_layers: int = 2, guidance_embeds: bool = False
+) -> FluxTransformer2DModel:
+    """A FluxTransformer2DModel with 2 heads of 8 channels and random weights, in eval mode.
+
+    ``guidance_embeds=True`` makes it guidance-distilled, as FLUX.1-dev.
+    """
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(
         patch_size=1,
@@ -87,7 +92,7 @@ def tiny_flux(seed: int = 0, *, num_layers: int = 2, num_single_layers: int = 2)
         num_attention_heads=2,
         joint_attention_dim=FLUX_TEXT_DIM,
         pooled_projection_dim=FLUX_POOLED_DIM,
-        guidance_embeds=False,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=(2, 2, 4),
     )
     return model.eval()

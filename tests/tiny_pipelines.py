@@ -28,7 +28,7 @@ from diffusers import (
     UniPCMultistepScheduler,
     WanPipeline,
 )
-from helpers import FLUX_IN_CHANNELS, FLUX_POOLED_DIM, FLUX_TEXT_DIM, flux_prompt, tiny_flux, tiny_wan
+from helpers import FLUX_IN_CHANNELS, flux_prompt, tiny_flux, tiny_wan
 from PIL import Image
 
 from hicache_sdk.testing.families import FAMILY_CASES, TEXT_DIM
@@ -96,20 +96,7 @@ def tiny_flux_vae(seed: int = 0) -> AutoencoderKL:
 
 def tiny_guidance_flux(seed: int = 0) -> FluxTransformer2DModel:
     """A guidance-distilled FluxTransformer2DModel (``guidance_embeds=True``, as FLUX.1-dev)."""
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=FLUX_IN_CHANNELS,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=FLUX_TEXT_DIM,
-        pooled_projection_dim=FLUX_POOLED_DIM,
-        guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4),
-    )
-    return model.eval()
+    return tiny_flux(seed, guidance_embeds=True)
 
 
 def _flux_image_pipeline(cls: type[Any], seed: int) -> Any:
