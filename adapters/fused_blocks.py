@@ -32,6 +32,27 @@ def _clip_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states.clip(-65504, 65504) if hidden_states.dtype == torch.float16 else hidden_states
 
 
+def _fused_unit(
+    runtime: Runtime,
+    key: str,
+    index: int,
+    compute: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    normed: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The fused output projection ``compute(normed, mask)`` as the unit ``<key>.proj_out`` (sub-batches split both)."""
+    batch = normed.shape[0]
+    (fused,) = runtime.unit(
+        f"{key}.proj_out",
+        lambda: compute(normed, mask),
+        batch_rows=lambda rows: compute(normed.index_select(0, rows), _rows(mask, rows, batch)),
+        block=index,
+        kind="fused",
+        inputs=(tuple(normed.shape), normed.dtype),
+    )
+    return fused
+
+
 def chroma_single_forward(runtime: Runtime, key: str, index: int) -> BlockForward:
     """``ChromaSingleTransformerBlock``: text and image tokens arrive concatenated."""
 
@@ -57,15 +78,7 @@ def chroma_single_forward(runtime: Runtime, key: str, index: int) -> BlockForwar
             )
             return block.proj_out(torch.cat([attn, mlp], dim=2))
 
-        batch = norm_hidden.shape[0]
-        (fused,) = runtime.unit(
-            f"{key}.proj_out",
-            lambda: compute(norm_hidden, attention_mask),
-            batch_rows=lambda rows: compute(norm_hidden.index_select(0, rows), _rows(attention_mask, rows, batch)),
-            block=index,
-            kind="fused",
-            inputs=(tuple(norm_hidden.shape), norm_hidden.dtype),
-        )
+        fused = _fused_unit(runtime, key, index, compute, norm_hidden, attention_mask)
         hidden_states = _clip_fp16(residual + gate.unsqueeze(1) * fused)
         runtime.block(index, residual, hidden_states)
         return hidden_states
@@ -103,15 +116,7 @@ def hunyuan_video_single_forward(runtime: Runtime, key: str, index: int) -> Bloc
             )
             return block.proj_out(torch.cat([torch.cat([attn, context_attn], dim=1), mlp], dim=2))
 
-        batch = norm_hidden.shape[0]
-        (fused,) = runtime.unit(
-            f"{key}.proj_out",
-            lambda: compute(norm_hidden, attention_mask),
-            batch_rows=lambda rows: compute(norm_hidden.index_select(0, rows), _rows(attention_mask, rows, batch)),
-            block=index,
-            kind="fused",
-            inputs=(tuple(norm_hidden.shape), norm_hidden.dtype),
-        )
+        fused = _fused_unit(runtime, key, index, compute, norm_hidden, attention_mask)
         hidden_states = gate.unsqueeze(1) * fused + residual
         image, text = hidden_states[:, :-text_length, :], hidden_states[:, -text_length:, :]
         runtime.block(index, image_in, image)
