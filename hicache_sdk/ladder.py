@@ -98,11 +98,30 @@ class DifferenceLadder:
         """Bytes held by the ladder's storage."""
         return 0 if self._terms is None else self._terms.numel() * self._terms.element_size()
 
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes held on the features' device (all of them, unless the ladder is offloaded)."""
+        return self.nbytes
+
+    def prefetch(self) -> None:
+        """Bring the terms to the features' device ahead of use (a no-op: this ladder never leaves it)."""
+
     def term(self, i: int) -> torch.Tensor:
-        """The stored ``D^i`` (a view: writing into it edits the ladder, e.g. ClusCa's refresh)."""
+        """The stored ``D^i``.
+
+        Here a view of the storage; a ladder held in another format returns a decoded copy. To edit
+        a term (ClusCa's refresh does), edit what this returns and hand it to :meth:`set_term`,
+        which costs nothing when it is the view.
+        """
         if self._terms is None or not 0 <= i < self._size:
             raise IndexError(f"ladder holds orders 0..{self.order}, asked for {i}")
         return self._terms[i]
+
+    def set_term(self, i: int, value: torch.Tensor) -> None:
+        """Replace the stored ``D^i`` by ``value`` (of the feature's shape)."""
+        stored = self.term(i)
+        if value.data_ptr() != stored.data_ptr() or value.dtype != stored.dtype:
+            stored.copy_(value)
 
     def update(
         self, feature: torch.Tensor, step: int, *, extend: bool = True, rows: torch.Tensor | None = None

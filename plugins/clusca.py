@@ -118,7 +118,7 @@ class ClusCa(IntervalPolicy):
         return super().forecast(ctx, unit, token_paths)
 
     def _refresh(self, state: ClusterState, ladder: DifferenceLadder, path: TokenPath) -> bool:
-        d0 = ladder.term(0)  # (B, L, D), edited in place
+        d0 = ladder.term(0)  # (B, L, D): a view of the ladder, or a decoded copy written back below
         batch, length, width = d0.shape
         rng = state.rng(d0.device)
         if path.kind == "image":
@@ -134,4 +134,5 @@ class ClusCa(IntervalPolicy):
             per_token = torch.gather(fresh, 1, state.labels[..., None].expand(-1, -1, width))
             d0.lerp_(per_token, self.config.gamma)
         d0.scatter_(1, index[..., None].expand(-1, -1, width), fresh)
+        ladder.set_term(0, d0)
         return True
