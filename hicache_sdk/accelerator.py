@@ -14,38 +14,51 @@ from .basis import Basis
 from .coexistence import check_no_other_cache, enable_cache_guard
 from .decision import Reducer, local_reduce
 from .errors import AdapterMismatchError, AlreadyAttachedError, InvalidParameterError, did_you_mean
+from .granularity import MODULES, Granularity, parse_units, range_forwards, residual_forward
 from .hooks import StepsProvider, attach_block_forward, attach_step_hook, detach_all, refresh_registry_caches
+from .planner import MemoryPlanner, parse_bytes
 from .policy import Policy
 from .registry import get_registry
 from .runtime import FlopTable, Runtime, UnitObserver
+from .storage import LadderStorage, parse_ladder_format
 from .summary import RunSummary, summarize
 
 __all__ = ["Accelerator", "CacheHandle", "compose", "handle_of"]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 _HANDLE_ATTR = "_hicache_handle"
 # FLOPs measured per model and adapter, kept across attachments (they do not depend on the policy)
 _FLOP_TABLES: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, FlopTable]] = weakref.WeakKeyDictionary()
 
 
-def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """A storage dtype from a ``torch.dtype``, a name such as ``"bf16"``, or ``None``."""
-    if value is None or isinstance(value, torch.dtype):
-        if value is not None and not value.is_floating_point:
-            raise InvalidParameterError(f"cache_dtype must be a floating dtype, got {value}")
-        return value
-    if value in _DTYPES:
-        return _DTYPES[value]
-    raise InvalidParameterError(
-        f"cache_dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {value!r}.{did_you_mean(value, _DTYPES)}"
-    )
+def parse_storage(cache_dtype: Any = None, offload: Any = None) -> LadderStorage | None:
+    """The ladders' :class:`~hicache_sdk.storage.LadderStorage` from ``compose``'s ``cache_dtype`` and ``offload``."""
+    fmt = None
+    if cache_dtype is not None:
+        try:
+            fmt = parse_ladder_format(cache_dtype)
+        except InvalidParameterError as error:
+            raise InvalidParameterError(f"cache_dtype: {error}") from None
+    device = None if offload is None else parse_device(offload)
+    return None if fmt is None and device is None else LadderStorage(fmt, device)
+
+
+def parse_device(value: Any, name: str = "offload") -> torch.device:
+    """A device that exists on this machine, from a name (``"cpu"``, ``"cuda:1"``) or a ``torch.device``."""
+    if not isinstance(value, (str, torch.device)):
+        raise InvalidParameterError(f"{name} must be a device name such as 'cpu' or a torch.device, got {value!r}")
+    try:
+        device = torch.device(value)
+    except RuntimeError as error:
+        raise InvalidParameterError(
+            f"{name}={value!r} is not a device name ('cpu', 'cuda', 'cuda:1', ...): {error}"
+        ) from None
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, AttributeError) as error:
+        raise InvalidParameterError(
+            f"{name}={value!r}: no such device on this machine ({str(error).splitlines()[0]}); 'cpu' always exists"
+        ) from None
+    return device
 
 
 def find_denoisers(target: Any) -> list[tuple[str, torch.nn.Module]]:
@@ -84,8 +97,15 @@ class Accelerator:
     config: Any
     basis: Basis
     adapter: str | None = None
-    cache_dtype: torch.dtype | None = None
+    storage: LadderStorage | None = None
     check_finite: bool = True
+    units: Granularity = MODULES
+    memory_budget: int | None = None
+
+    @property
+    def cache_dtype(self) -> torch.dtype | None:
+        """The ladders' dtype when every order is held in one plain dtype (``None``: the features' own, or mixed)."""
+        return None if self.storage is None or self.storage.format is None else self.storage.format.plain
 
     @property
     def tag(self) -> str:
@@ -119,11 +139,19 @@ class Accelerator:
                 )
         policy = self.policy_cls(self.config, self.basis)
         model = denoisers[0][1]
+        planner = self._planner(policy, denoisers)
+        # FLOPs are per unit: the same adapter with other units (or blocks a plan may coarsen) measures anew
+        units = f"{self.units.name}, coarse" if planner is not None and planner.coarse else self.units.name
         flops = _FLOP_TABLES.setdefault(model, {}).setdefault(
-            "+".join(self._adapter_class(m, []).name for _, m in denoisers), FlopTable()
+            "+".join(self._adapter_class(m, []).name for _, m in denoisers) + f" ({units})", FlopTable()
         )
         runtime = Runtime(
-            policy, cache_dtype=self.cache_dtype, check_finite=self.check_finite, flops=flops, reduce=reduce
+            policy,
+            storage=self.storage,
+            planner=planner,
+            check_finite=self.check_finite,
+            flops=flops,
+            reduce=reduce,
         )
         notes: list[str] = []
         adapters: list[Adapter] = []
@@ -132,7 +160,8 @@ class Accelerator:
             for name, denoiser in denoisers:
                 check_no_other_cache(denoiser, policy.tag)
                 adapter = self._adapter_class(denoiser, notes)(denoiser)
-                self._check_fit(policy, adapter)
+                self._check_fit(policy, adapter, self.units)
+                self._check_storage(denoiser)
                 if adapter.note:
                     notes.append(adapter.note)
                 runtime.generation_checks.append(_cache_check(denoiser, policy.tag))
@@ -142,15 +171,18 @@ class Accelerator:
                     observed_blocks=adapter.observed_blocks,
                     noise_level=adapter.noise_level,
                 )
-                for binding in adapter.bindings(runtime):
-                    attach_block_forward(binding.block, binding.forward)
-                attach_step_hook(denoiser, runtime, steps_of=steps_of, name=name)
+                for block, forward in self._forwards(adapter, runtime):
+                    attach_block_forward(block, forward)
+                attach_step_hook(
+                    denoiser, runtime, steps_of=steps_of, name=name, output_unit=self.units.kind == "output"
+                )
                 adapters.append(adapter)
         except Exception:
             for _, denoiser in denoisers:
                 detach_all(denoiser)
             raise
         handle = CacheHandle(model=model, runtime=runtime, adapter=adapters[0], notes=tuple(notes))
+        handle.units = self.units.name
         handle.denoisers = tuple(zip((d for _, d in denoisers), adapters, strict=True))
         for _, denoiser in denoisers:
             refresh_registry_caches(denoiser)
@@ -179,8 +211,77 @@ class Accelerator:
             notes.append(f"adapter {adapter_cls.name!r} chosen automatically: {why}")
         return adapter_cls
 
+    def _planner(self, policy: Policy, denoisers: list[tuple[str, torch.nn.Module]]) -> MemoryPlanner | None:
+        if self.memory_budget is None:
+            return None
+        device = _device_of(denoisers[0][1])
+        offload = None
+        if device.type != "cpu":
+            offload = self.storage.offload if self.storage is not None and self.storage.offload else torch.device("cpu")
+        return MemoryPlanner(self.memory_budget, policy.max_order, coarse=self._coarse_allowed(policy), offload=offload)
+
+    def _coarse_allowed(self, policy: Policy) -> bool:
+        """Whether a memory plan may serve blocks as one residual unit."""
+        if self.units.kind != "modules" or policy.needs_token_paths or policy.needs_batch_split:
+            return False
+        try:
+            policy.check_units("block")
+        except InvalidParameterError:
+            return False
+        return True
+
+    def _forwards(self, adapter: Adapter, runtime: Runtime) -> list[tuple[torch.nn.Module, Any]]:
+        """The forwards to install for this accelerator's granularity (and memory plan)."""
+        kind = self.units.kind
+        if kind == "output":
+            return []
+        if kind == "range":
+            blocks = adapter.blocks()
+            if self.units.start is None and self.units.stop is None:  # one range per block list
+                lists = [key.rsplit(".", 1)[0] for key, _ in blocks]
+                spans = _runs(lists)
+            else:
+                spans = [self.units.bounds(len(blocks))]
+            return [
+                (module, forward)
+                for first, stop in spans
+                for _, module, forward in range_forwards(runtime, blocks, first, stop)
+            ]
+        layouts: dict[str, tuple[str | None, ...]] = {}
+        if kind == "block":
+            return [
+                (module, residual_forward(runtime, key, index, layouts))
+                for index, (key, module) in enumerate(adapter.blocks())
+            ]
+        bindings = [(b.block, b.forward) for b in adapter.bindings(runtime)]
+        if runtime.planner is None or not runtime.planner.coarse or adapter.name == "generic":
+            return bindings
+        inner = {id(block): forward for block, forward in bindings}
+        wrapped = [
+            (module, residual_forward(runtime, key, index, layouts, inner.pop(id(module), None), switchable=True))
+            for index, (key, module) in enumerate(adapter.blocks())
+        ]
+        return wrapped + [(block, forward) for block, forward in bindings if id(block) in inner]
+
+    def _check_storage(self, model: torch.nn.Module) -> None:
+        if self.storage is not None and self.storage.format is not None:
+            self.storage.format.check_device(_device_of(model))
+
     @staticmethod
-    def _check_fit(policy: Policy, adapter: Adapter) -> None:
+    def _check_fit(policy: Policy, adapter: Adapter, units: Granularity = MODULES) -> None:
+        policy.check_units(units.kind)
+        if units.kind != "modules":
+            if policy.needs_token_paths:
+                raise AdapterMismatchError(
+                    f"policy {policy.name!r} recomputes units on chosen tokens; units={units.name!r} offers none. "
+                    "Use units='modules' with an adapter that has token paths (e.g. 'flux')."
+                )
+            if policy.needs_batch_split:
+                raise AdapterMismatchError(
+                    f"policy {policy.name!r} has per_sample=True; units={units.name!r} cannot run on a sub-batch. "
+                    "Use units='modules' or per_sample=False."
+                )
+            return
         if policy.needs_token_paths and not adapter.provides_token_paths:
             raise AdapterMismatchError(
                 f"policy {policy.name!r} recomputes units on chosen tokens; adapter {adapter.name!r} offers no "
@@ -193,6 +294,23 @@ class Accelerator:
                 "or per_sample=False."
             )
         policy.check_adapter(adapter)
+
+
+def _runs(names: list[str]) -> list[tuple[int, int]]:
+    """``(first, stop)`` of each run of equal consecutive names."""
+    spans: list[tuple[int, int]] = []
+    for i, name in enumerate(names):
+        if spans and names[spans[-1][0]] == name:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _cache_check(model: torch.nn.Module, tag: str) -> Callable[[], None]:
@@ -241,6 +359,8 @@ class CacheHandle:
         self.notes = notes
         #: ``(model, adapter)`` of every denoiser served (two for a pipeline with ``transformer_2``)
         self.denoisers: tuple[tuple[torch.nn.Module, Adapter], ...] = ((model, adapter),)
+        #: the granularity of the units served (see :mod:`hicache_sdk.granularity`)
+        self.units = "modules"
         self._attached = True
 
     @property
@@ -250,12 +370,21 @@ class CacheHandle:
     def summary(self) -> RunSummary:
         """Summary of the last (or current) generation."""
         policy = self.runtime.policy
+        runtime = self.runtime
+        plan = runtime.plan
+        storage = runtime.storage.name if runtime.storage is not None else "native"
         return summarize(
-            list(self.runtime.contexts.values()),
+            list(runtime.contexts.values()),
             policy=policy.tag,
             basis=policy.basis.tag,
             adapter="+".join(dict.fromkeys(adapter.name for _, adapter in self.denoisers)),
             notes=self.notes,
+            peak_cache_bytes=runtime.peak_cache_bytes,
+            granularity=self.units,
+            storage="planned" if runtime.planner is not None else storage,
+            memory_budget=None if runtime.planner is None else runtime.planner.budget,
+            predicted_bytes=None if plan is None else plan.predicted_bytes,
+            memory_plan=None if plan is None else plan.describe(),
         )
 
     def reset(self, num_steps: int | None = None) -> None:
@@ -307,7 +436,10 @@ def compose(
     basis: str | Basis = "taylor",
     *,
     adapter: str | None = None,
-    cache_dtype: torch.dtype | str | None = None,
+    cache_dtype: Any = None,
+    offload: str | torch.device | None = None,
+    units: str | Granularity = "modules",
+    memory_budget: int | str | None = None,
     check_finite: bool = True,
     **params: Any,
 ) -> Accelerator:
@@ -320,7 +452,17 @@ def compose(
         policy: registered policy name (``fora``, ``taylorseer``, ``clusca``, ...).
         basis: registered basis name or a ready :class:`Basis` instance.
         adapter: registered adapter name to force; by default chosen from the model.
-        cache_dtype: ladder storage dtype (``"bf16"``, ``torch.float16``, ...); default the model's.
+        cache_dtype: storage format of the ladders: ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"fp8"``
+            (e4m3, per-row scales), ``"fp8_e5m2:tensor"``, a mix per order such as ``"bf16+fp8"``
+            (``D^0`` in bf16, higher orders in fp8), or a torch dtype; default the model's dtype.
+            Arithmetic is float32 whatever the format (see :mod:`hicache_sdk.storage`).
+        offload: device the ladders are held on between uses (``"cpu"`` for a GPU run: host memory,
+            prefetched about one block ahead); default none.
+        units: granularity of the cached units: ``"modules"`` (the adapter's), ``"block"``,
+            ``"range"`` / ``"range[a:b]"`` or ``"output"`` (see :mod:`hicache_sdk.granularity`).
+        memory_budget: bytes of forecast state allowed on the model's device (an int or a string
+            such as ``"2GiB"``): a planner then chooses each unit's format, offload and granularity
+            (:mod:`hicache_sdk.planner`); ``cache_dtype`` cannot be given with it.
         check_finite: recompute units whose forecast is not finite (recommended).
 
     Example:
@@ -369,6 +511,12 @@ def compose(
             f"no one takes {unknown}: policy {policy!r} takes {sorted(policy_fields)}, basis "
             f"{basis_cls.name!r} takes {sorted(basis_fields) if basis_fields else 'nothing more'}.{hint}"
         )
+    budget = None if memory_budget is None else parse_bytes(memory_budget)
+    if budget is not None and cache_dtype is not None:
+        raise InvalidParameterError(
+            f"give memory_budget ({memory_budget!r}) or cache_dtype ({cache_dtype!r}), not both: with a budget "
+            "the planner chooses each unit's format"
+        )
     config = policy_cls.Config(**{k: v for k, v in params.items() if k in policy_fields})
     basis_obj = (
         basis if isinstance(basis, Basis) else basis_cls(**{k: v for k, v in params.items() if k in basis_fields})
@@ -378,6 +526,8 @@ def compose(
         config=config,
         basis=basis_obj,
         adapter=adapter,
-        cache_dtype=parse_dtype(cache_dtype),
+        storage=parse_storage(cache_dtype, offload),
         check_finite=check_finite,
+        units=parse_units(units),
+        memory_budget=budget,
     )

@@ -79,6 +79,17 @@ class Adapter(abc.ABC):
         (the :class:`~hicache_sdk.family.FamilyAdapter` does); then override :attr:`num_blocks`.
         """
 
+    def blocks(self) -> list[tuple[str, torch.nn.Module]]:
+        """``(key, block)`` of every block, in run order (what ``units="block"`` and ``"range"`` serve).
+
+        By default the items of the model's block lists named in
+        :data:`hicache_sdk.granularity.BLOCK_LISTS`; the indices must agree with those the
+        adapter's own units give (:attr:`num_blocks`).
+        """
+        from .granularity import block_lists
+
+        return [(f"{attr}.{i}", block) for attr, found in block_lists(self.model) for i, block in enumerate(found)]
+
     @property
     def observed_blocks(self) -> int:
         """How many leading blocks (in run order) token-level policies index, e.g. ClusCa's ``cluster_block``.

@@ -413,6 +413,9 @@ class FamilyAdapter(Adapter):
             found.append((name, block, spec))
         return found
 
+    def blocks(self) -> list[tuple[str, torch.nn.Module]]:
+        return list(self.family.named_blocks(self.model))
+
     def bindings(self, runtime: Runtime) -> list[BlockBinding]:
         bindings = []
         for index, (name, block, spec) in enumerate(self._blocks()):

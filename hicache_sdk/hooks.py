@@ -15,6 +15,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 
+from .errors import AdapterMismatchError
 from .runtime import Runtime, bind_arguments
 
 __all__ = [
@@ -45,11 +46,15 @@ class _StepHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, runtime: Runtime, steps_of: StepsProvider | None = None, name: str = "") -> None:
+    def __init__(
+        self, runtime: Runtime, steps_of: StepsProvider | None = None, name: str = "", output_unit: bool = False
+    ) -> None:
         super().__init__()
         self.runtime = runtime
         self.steps_of = steps_of
         self.name = name
+        self.output_unit = output_unit
+        self._output_kind: tuple[str, type] | None = None  # how the forward packs its output (output_unit)
         # the latents and timestep of the last call made outside any cache context (see _branch)
         self._last_call: tuple[weakref.ref[torch.Tensor], int, Any, tuple[int, ...]] | None = None
         self._branch = 0
@@ -67,16 +72,43 @@ class _StepHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         original = self.fn_ref.original_forward
         assert original is not None
+        run = self._served_output if self.output_unit else original
         try:
             self._begin(module, args, kwargs)
-            output = original(*args, **kwargs)
+            output = run(*args, **kwargs)
             while self.runtime.end_step(_main_output(output)):  # the policy rejected the draft: run it in full
-                output = original(*args, **kwargs)
+                output = run(*args, **kwargs)
         except BaseException:
             # an error or an interrupt ends the generation: the next call must start afresh
             self.runtime.abort()
             raise
         return output
+
+    def _served_output(self, *args: Any, **kwargs: Any) -> Any:
+        """The forward's output as one unit (``units="output"``): on a forecast step nothing of the model runs."""
+        original = self.fn_ref.original_forward
+        assert original is not None
+        computed: list[Any] = []
+
+        def compute() -> torch.Tensor:
+            with self.runtime.passthrough():
+                output = original(*args, **kwargs)
+            computed.append(output)
+            self._output_kind = _output_kind(output)
+            main = _main_output(output)
+            assert main is not None  # _output_kind checked it
+            return main
+
+        (sample,) = self.runtime.unit("output", compute, kind="output")
+        if computed:
+            return computed[0]
+        assert self._output_kind is not None
+        kind, cls = self._output_kind
+        if kind == "tensor":
+            return sample
+        if kind == "tuple":
+            return cls((sample,))
+        return cls(sample=sample)
 
     @torch.compiler.disable
     def _begin(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -165,6 +197,20 @@ def _main_output(output: Any) -> torch.Tensor | None:
     return sample if isinstance(sample, torch.Tensor) else None
 
 
+def _output_kind(output: Any) -> tuple[str, type]:
+    """How a forward packs its one output: a tensor, a 1-tuple, or an output object with ``sample``."""
+    if isinstance(output, torch.Tensor):
+        return "tensor", torch.Tensor
+    if isinstance(output, (tuple, list)) and len(output) == 1 and isinstance(output[0], torch.Tensor):
+        return "tuple", type(output)
+    if isinstance(getattr(output, "sample", None), torch.Tensor) and len(getattr(output, "keys", list)()) <= 1:
+        return "object", type(output)
+    raise AdapterMismatchError(
+        f"units='output' caches the model's one output; this forward returned {type(output).__name__} "
+        "holding more than one: use a finer granularity"
+    )
+
+
 #: Names a transformer forward gives its timestep (most: ``timestep``; HiDream ``timesteps``; Z-Image ``t``).
 TIMESTEP_ARGUMENTS: tuple[str, ...] = ("timestep", "timesteps", "t")
 
@@ -182,14 +228,20 @@ def _noise_level(timestep: Any) -> float | None:
 
 
 def attach_step_hook(
-    model: torch.nn.Module, runtime: Runtime, *, steps_of: StepsProvider | None = None, name: str = ""
+    model: torch.nn.Module,
+    runtime: Runtime,
+    *,
+    steps_of: StepsProvider | None = None,
+    name: str = "",
+    output_unit: bool = False,
 ) -> None:
     """Track steps and contexts on ``model``'s forward.
 
     ``steps_of`` tells the number of steps of a generation when the pipeline's cache context does
-    not; ``name`` is the denoiser's name in the runtime (:meth:`Runtime.add_model`).
+    not; ``name`` is the denoiser's name in the runtime (:meth:`Runtime.add_model`). With
+    ``output_unit`` the forward's output is itself the one unit, keyed ``"output"``.
     """
-    hook = _StepHook(runtime, steps_of, name)
+    hook = _StepHook(runtime, steps_of, name, output_unit)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
 
 

@@ -172,6 +172,19 @@ class Policy(abc.ABC):
         """
         return None
 
+    def check_units(self, units: str) -> None:
+        """Raise :class:`~hicache_sdk.errors.InvalidParameterError` if this policy cannot serve units of
+        granularity ``units`` (``"modules"``, ``"block"``, ``"range"``, ``"output"``).
+
+        By default a policy that watches blocks (overrides :meth:`on_block`) refuses ``"range"`` and
+        ``"output"``: on their forecast steps no block runs to be watched.
+        """
+        if units in ("range", "output") and type(self).on_block is not Policy.on_block:
+            raise InvalidParameterError(
+                f"policy {self.name!r} watches blocks as they run; with units={units!r} no block runs on forecast "
+                "steps. Use units='modules' or 'block'."
+            )
+
     def new_policy_state(self) -> Any:
         """Per-context state of the policy (``ctx.policy_state``), created at the start of each generation."""
         return None

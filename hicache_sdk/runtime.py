@@ -9,8 +9,9 @@ transformer forward, and runs the forward again when the policy rejects a drafte
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -20,11 +21,16 @@ from .errors import AdapterMismatchError, ForecastLayoutError
 from .flops import flop_counter_mode
 from .policy import Policy, TokenPath
 from .state import ContextState, UnitState
+from .storage import LadderFormat, LadderStorage, parse_format
 from .validation import check_int
+
+if TYPE_CHECKING:
+    from .planner import MemoryPlan, MemoryPlanner
 
 __all__ = ["DEFAULT_CONTEXT", "BatchRows", "FlopTable", "Runtime", "UnitObserver", "UnitOutputs"]
 
 DEFAULT_CONTEXT = "default"
+_PREFETCH_UNITS = 8  # the most units whose ladders are fetched ahead of use
 UnitOutputs = tuple[torch.Tensor, ...]
 #: ``observer(context, step, unit_key, how, outputs)`` with ``how`` one of ``"computed"``,
 #: ``"forecast"``, ``"fallback"``; called after a unit is served (for diagnostics and plots).
@@ -87,7 +93,11 @@ class Runtime:
 
     Args:
         policy: the policy deciding what computes and what is forecast.
-        cache_dtype: storage dtype of the ladders (``None``: the features' dtype).
+        storage: how the ladders are held (format per order, offload device); ``None``: in the
+            features' dtype, with them.
+        cache_dtype: shorthand for ``storage`` in one plain dtype.
+        planner: chooses each unit's storage and each block's granularity to fit a memory budget
+            (:mod:`hicache_sdk.planner`); replaces ``storage``.
         check_finite: recompute a unit whose forecast is not finite (costs one reduction and,
             on a GPU, one synchronisation per forecast unit).
         flops: measured FLOPs to reuse (FLOPs depend on the model, adapter and input shapes, not
@@ -99,19 +109,40 @@ class Runtime:
         num_blocks: blocks of the attached model (every block list), set when attached.
         observed_blocks: the adapter's :attr:`~hicache_sdk.Adapter.observed_blocks`.
         noise_level: the adapter's :meth:`~hicache_sdk.Adapter.noise_level` (timestep to sigma).
+        plan: the planner's :class:`~hicache_sdk.planner.MemoryPlan` in force (``None`` before it is made).
+        peak_cache_bytes: the most forecast-state bytes held on the compute device at the end of any
+            step of the current generation (every context).
     """
 
     def __init__(
         self,
         policy: Policy,
         *,
+        storage: LadderStorage | None = None,
         cache_dtype: torch.dtype | None = None,
+        planner: MemoryPlanner | None = None,
         check_finite: bool = True,
         flops: FlopTable | None = None,
         reduce: Reducer = local_reduce,
     ) -> None:
         self.policy = policy
-        self.cache_dtype = cache_dtype
+        if cache_dtype is not None:
+            storage = LadderStorage(
+                LadderFormat((parse_format(cache_dtype),)), None if storage is None else storage.offload
+            )
+        self.storage = storage
+        self.planner = planner
+        self.plan: MemoryPlan | None = None
+        self._plans: dict[tuple[Any, ...], MemoryPlan] = {}  # per input signature: shapes decide the plan
+        self.peak_cache_bytes = 0
+        #: block unit keys -> output shapes and dtypes of the block (what a planner needs of a coarse unit)
+        self.block_layouts: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = {}
+        self._passthrough = 0  # > 0 while a coarser unit computes: finer units inside simply run
+        self._open: dict[str, float | None] = {}  # units opened and not closed yet -> FLOP count at opening
+        self._order: list[str] = []  # unit keys in the order the last step served them (for prefetches)
+        self._order_now: list[str] = []
+        self._position: dict[str, int] = {}
+        self._blocks_of: dict[str, int] = {}
         self.check_finite = check_finite
         self.reduce = reduce
         self.num_blocks = 0
@@ -129,7 +160,7 @@ class Runtime:
         self.flops = flops if flops is not None else FlopTable()
         self._counter: Any = None
         self._excluded = 0.0  # FLOPs of the policy's own work in the step being measured (not model work)
-        self._flops_before: float | None = None  # FLOP count when the unit now computing started
+        self._fallbacks: set[str] = set()  # opened units whose forecast was not finite: the caller computes
         self._step_forecasts = 0  # units served by the policy in the current step
         self._step_recorded = False  # whether a unit recorded an anchor in the current (non-full) step
         self._draft: _Draft | None = None
@@ -225,6 +256,8 @@ class Runtime:
         if self._ended:
             self.contexts.clear()
             self._ended = False
+            self.peak_cache_bytes = 0
+            self.plan = None
         self._select_model(model)
         name = context or DEFAULT_CONTEXT
         sigma = None if timestep is None or self.noise_level is None else self.noise_level(timestep)
@@ -244,6 +277,7 @@ class Runtime:
             self._start_generation(ctx, left)
         switched = ctx.model is not None and ctx.model != model
         ctx.model = model
+        self._plan_memory(ctx, signature)
         ctx.step += 1
         ctx.last_level = level
         ctx.last_step_index = step_index
@@ -255,6 +289,13 @@ class Runtime:
         self._step_recorded = False
         self._mask = None
         self._served.clear()
+        self._open.clear()
+        self._passthrough = 0
+        if self._order_now:
+            self._order, self._order_now = self._order_now, []
+            self._position = {key: i for i, key in enumerate(self._order)}
+        if self.offloading:
+            self._prefetch_after(ctx, -1, 0)
         if ctx.guard_reason is not None:
             ctx.full = True
             ctx.guarded_steps += 1
@@ -301,6 +342,7 @@ class Runtime:
                 ctx.forecast_steps += 1
             else:
                 ctx.full_steps += 1
+            self.peak_cache_bytes = max(self.peak_cache_bytes, sum(c.nbytes for c in self.contexts.values()))
         self.current = None
         self._signature = None
         self._draft = None
@@ -326,6 +368,50 @@ class Runtime:
         self._step_forecasts = 0
         self._mask = None
         return True
+
+    def _plan_memory(self, ctx: ContextState, signature: tuple[Any, ...]) -> None:
+        """Put the memory plan for these input shapes in force: made once the first step showed every unit.
+
+        Until then (the first step of the first generation with new shapes) ladders are held in the
+        planner's cheapest storage, so that the budget holds from the first anchor on.
+        """
+        if self.planner is None:
+            return
+        key = (ctx.model, *signature)
+        plan = self._plans.get(key)
+        if plan is None and ctx.step == 0:  # the first step ran: every unit's shapes are known
+            plan = self._plans[key] = self.planner.plan(self.contexts.values(), self.block_layouts)
+        if plan is None or plan is self.plan:
+            return
+        self.plan = plan
+        for context in self.contexts.values():
+            for unit_key in list(context.units):
+                if any(unit_key.startswith(block + ".") for block in plan.coarse):
+                    del context.units[unit_key]  # served within its block's residual from now on
+                else:
+                    context.units[unit_key].restore(plan.storage_of(unit_key))
+
+    def _first_storage(self, state: UnitState, outputs: UnitOutputs) -> None:
+        """Store a unit's first anchor, before the plan exists, as accurately as the budget still allows.
+
+        When even the cheapest storage does not fit, units stored earlier move to it (largest first):
+        the first step fits whenever every unit's first anchor in the cheapest storage does.
+        """
+        assert self.planner is not None
+        cheapest = self.planner.provisional
+        assert cheapest.format is not None
+        need = sum(cheapest.format.of(0).nbytes(tuple(o.shape)) for o in outputs)
+        held = sum(c.nbytes for c in self.contexts.values())
+        if held + need > self.planner.budget:
+            stored = [u for c in self.contexts.values() for u in c.units.values() if not u.empty]
+            for unit in sorted(stored, key=lambda u: -u.nbytes):
+                if unit.storage != cheapest:
+                    before = unit.nbytes
+                    unit.restore(cheapest)
+                    held -= before - unit.nbytes
+                    if held + need <= self.planner.budget:
+                        break
+        state.restore(self.planner.first_storage(outputs, held))
 
     def _run_generation_checks(self) -> None:
         for check in self.generation_checks:
@@ -367,6 +453,44 @@ class Runtime:
 
         Under ``torch.compile`` only ``compute()`` is traced: serving and recording are kept out
         of the graph, so step counters and forecast weights never cause a recompilation.
+
+        Inside a coarser unit that computes (:meth:`passthrough`), ``compute()`` simply runs.
+        """
+        if self._passthrough:
+            return _as_tuple(compute())
+        served = self.open_unit(
+            key,
+            compute,
+            streams=streams,
+            token_paths=token_paths,
+            batch_rows=batch_rows,
+            block=block,
+            kind=kind,
+            inputs=inputs,
+        )
+        if served is not None:
+            return served
+        outputs = _as_tuple(compute())
+        self.close_unit(key, outputs)
+        return outputs
+
+    def open_unit(
+        self,
+        key: str,
+        compute: Callable[[], torch.Tensor | Sequence[torch.Tensor]] | None = None,
+        *,
+        streams: Sequence[str] | None = ("",),
+        token_paths: Sequence[TokenPath] = (),
+        batch_rows: BatchRows | None = None,
+        block: int = -1,
+        kind: str = "block",
+        inputs: Hashable = None,
+    ) -> UnitOutputs | None:
+        """The first half of :meth:`unit`, for a unit whose computation spans several calls (a block range).
+
+        Returns the unit's outputs when it is not computed at this step; ``None`` when the caller
+        must compute it and hand the outputs to :meth:`close_unit` within the same step. Without
+        ``compute``, a forecast that is not finite and a ``VERIFY`` decision compute the unit too.
         """
         key = self._prefix + key
         if self.current is not None:
@@ -376,18 +500,75 @@ class Runtime:
                     "(e.g. one feed-forward for image and text tokens) needs one unit key per call"
                 )
             self._served.add(key)
-        served = self._serve(key, compute, streams, token_paths, batch_rows, block, kind, inputs)
-        if served is not None:
-            return served
-        outputs = _as_tuple(compute())
-        self._record(key, outputs)
-        return outputs
+        return self._serve(key, compute, streams, token_paths, batch_rows, block, kind, inputs)
+
+    def close_unit(self, key: str, outputs: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Record the outputs of a unit that :meth:`open_unit` asked to compute (no-op outside a forward)."""
+        self._record(self._prefix + key, _as_tuple(outputs))
+
+    @contextmanager
+    def passthrough(self) -> Iterator[None]:
+        """Within: units served by :meth:`unit` just run and blocks are not shown to the policy.
+
+        A coarser unit (a block's residual, a block range, the model output) computes its inside
+        this way, so that the finer units inside it are neither cached nor counted.
+        """
+        self._passthrough += 1
+        try:
+            yield
+        finally:
+            self._passthrough -= 1
+
+    def measured(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, with its FLOPs noted as those of unit ``key`` when this step counts FLOPs."""
+        if self._counter is None or self.current is None or self._signature is None:
+            return compute()
+        before = self._counter.get_total_flops()
+        result = compute()
+        self.flops.units.setdefault(self._signature, {})[self._prefix + key] = float(
+            self._counter.get_total_flops() - before
+        )
+        return result
+
+    def note_block_layout(self, key: str, outputs: Sequence[torch.Tensor]) -> None:
+        """Note the shapes and dtypes of block ``key``'s outputs (what its residual unit would hold)."""
+        self.block_layouts[self._prefix + key] = tuple((tuple(v.shape), v.dtype) for v in outputs)
+
+    def is_coarse(self, block_key: str) -> bool:
+        """Whether the memory plan serves the block ``block_key`` as one residual unit."""
+        return self.plan is not None and self._prefix + block_key in self.plan.coarse
+
+    def storage_for(self, key: str) -> LadderStorage | None:
+        """How the ladders of unit ``key`` (with its denoiser prefix) are held."""
+        if self.plan is not None:
+            return self.plan.storage_of(key)
+        if self.planner is not None:
+            return self.planner.provisional
+        return self.storage
+
+    @property
+    def offloading(self) -> bool:
+        """Whether some ladders may be held on an offload device (then units are prefetched)."""
+        if self.plan is not None:
+            return self.plan.offloads
+        return self.storage is not None and self.storage.offload is not None
+
+    def _prefetch_after(self, ctx: ContextState, position: int, block: int) -> None:
+        """Start fetching the ladders of the units served next (in the last step's order), about a block ahead."""
+        for key in self._order[position + 1 : position + 1 + _PREFETCH_UNITS]:
+            state = ctx.units.get(key)
+            if state is None:
+                continue
+            if block >= 0 and state.block > block + 1:
+                break
+            for ladder in state.ladders:
+                ladder.prefetch()
 
     @torch.compiler.disable
     def _serve(
         self,
         key: str,
-        compute: Callable[[], torch.Tensor | Sequence[torch.Tensor]],
+        compute: Callable[[], torch.Tensor | Sequence[torch.Tensor]] | None,
         streams: Sequence[str] | None,
         token_paths: Sequence[TokenPath],
         batch_rows: BatchRows | None = None,
@@ -405,13 +586,20 @@ class Runtime:
         state = ctx.units.get(key)
         if state is None:
             state = ctx.units[key] = UnitState(
-                key, streams, self.policy.max_order, self.cache_dtype, block=block, kind=kind
+                key, streams, self.policy.max_order, self.storage_for(key), block=block, kind=kind
             )
+        self._order_now.append(key)
+        if self.offloading:
+            position = self._position.get(key)
+            if position is not None:
+                self._prefetch_after(ctx, position, block)
         if inputs is not None and state.inputs != inputs:
             if state.inputs is not None:
                 state.restart()  # new input shapes: the old anchors do not forecast these outputs
             state.inputs = inputs
         decision = Decision.COMPUTE if ctx.full or state.empty else self.policy.decide(ctx, state)
+        if decision is Decision.VERIFY and compute is None:
+            decision = Decision.COMPUTE  # a unit spanning several calls cannot run twice to check a forecast
         rows: torch.Tensor | None = None
         if isinstance(decision, torch.Tensor):
             rows = self._rows_of(decision, state)
@@ -419,7 +607,7 @@ class Runtime:
                 decision = Decision.FORECAST if rows.numel() == 0 else Decision.COMPUTE
                 rows = None
         if decision is Decision.COMPUTE:
-            self._flops_before = self._counter.get_total_flops() if self._counter is not None else None
+            self._open[key] = self._counter.get_total_flops() if self._counter is not None else None
             return None
         if not isinstance(decision, (Decision, torch.Tensor)):
             raise TypeError(
@@ -433,12 +621,16 @@ class Runtime:
             state.counts.fallbacks += 1
             for ladder in state.ladders:  # restart from the fresh output: a non-finite ladder would fail again
                 ladder.reset()
+            if compute is None:  # the caller computes it and closes the unit
+                self._fallbacks.add(key)
+                return None
             return self._notify(ctx, key, "fallback", self._record_outputs(ctx, state, _as_tuple(compute()), True))
         batch = _batch_of(outputs)
         state.counts.forecast += 1
         computed_share = self._token_fraction(state, token_paths, recomputed[0])
         if decision is Decision.VERIFY:
             state.counts.verified += 1
+            assert compute is not None
             self.policy.verify(ctx, state, outputs, _as_tuple(compute()))
             computed_share = 1.0
         elif rows is not None:
@@ -523,7 +715,11 @@ class Runtime:
         if ctx is None:
             return
         state = ctx.units[key]
-        before, self._flops_before = self._flops_before, None
+        if key in self._fallbacks:
+            self._fallbacks.discard(key)
+            self._notify(ctx, key, "fallback", self._record_outputs(ctx, state, outputs, True))
+            return
+        before = self._open.pop(key, None)
         if before is not None and self._counter is not None and self._signature is not None:
             flops = float(self._counter.get_total_flops() - before)
             self.flops.units.setdefault(self._signature, {})[key] = flops
@@ -541,6 +737,8 @@ class Runtime:
         if len(outputs) != len(state.streams):
             raise RuntimeError(f"unit {state.key!r} produced {len(outputs)} outputs for streams {state.streams}")
         state.layout = tuple((tuple(o.shape), o.dtype, o.device) for o in outputs)
+        if self.planner is not None and self.plan is None and state.empty:
+            self._first_storage(state, outputs)
         self.policy.on_computed(ctx, state, outputs)
         if not ctx.full:
             self._step_recorded = True
@@ -588,7 +786,7 @@ class Runtime:
         of the model's FLOPs and charged against the savings.
         """
         ctx = self.current
-        if ctx is None or not self._watches_blocks:
+        if ctx is None or not self._watches_blocks or self._passthrough:
             return
         view = BlockView(index, self.num_blocks, tokens_in, tokens_out, self.observed_blocks)
         if not self.policy.block_work_flops:

@@ -8,8 +8,10 @@ from typing import Any
 import attrs
 import torch
 
+from .compact_ladder import convert_ladder, make_ladder
 from .decision import Reducer, UnitInfo, local_reduce
 from .ladder import DifferenceLadder
+from .storage import LadderStorage
 
 __all__ = ["ContextState", "UnitCounts", "UnitState"]
 
@@ -67,6 +69,8 @@ class UnitState:
         streams: names of its outputs; ``ladders``: one :class:`~hicache_sdk.ladder.DifferenceLadder`
             per stream (a policy forecasts from them and may edit ``ladder.term(0)``, as ClusCa does).
         counts: a :class:`UnitCounts`; ``layout``: (shape, dtype, device) of each computed output.
+        storage: how its ladders are held (:class:`~hicache_sdk.storage.LadderStorage`; ``None``: in
+            the features' dtype, with them).
     """
 
     def __init__(
@@ -74,7 +78,7 @@ class UnitState:
         key: str,
         streams: Sequence[str] | None,
         max_order: int,
-        storage_dtype: torch.dtype | None,
+        storage: LadderStorage | None = None,
         *,
         block: int = -1,
         kind: str = "block",
@@ -84,7 +88,7 @@ class UnitState:
         self.block = block
         self.kind = kind
         self.max_order = max_order
-        self.storage_dtype = storage_dtype
+        self.storage = storage
         self.streams: tuple[str, ...] = ()
         self.ladders: tuple[DifferenceLadder, ...] = ()
         if streams is not None:
@@ -103,7 +107,13 @@ class UnitState:
     def set_streams(self, streams: Sequence[str]) -> None:
         """Name the unit's output streams (one ladder each)."""
         self.streams = tuple(streams)
-        self.ladders = tuple(DifferenceLadder(self.max_order, self.storage_dtype) for _ in self.streams)
+        self.ladders = tuple(make_ladder(self.max_order, self.storage) for _ in self.streams)
+
+    def restore(self, storage: LadderStorage | None) -> None:
+        """Hold the ladders in ``storage`` from now on, keeping their anchors (re-encoded)."""
+        if storage != self.storage:
+            self.storage = storage
+            self.ladders = tuple(convert_ladder(ladder, self.max_order, storage) for ladder in self.ladders)
 
     def record(
         self, outputs: Sequence[torch.Tensor], step: int, *, extend: bool = True, rows: torch.Tensor | None = None
@@ -128,7 +138,13 @@ class UnitState:
 
     @property
     def nbytes(self) -> int:
-        return sum(ladder.nbytes for ladder in self.ladders)
+        """Bytes its ladders hold on the compute device (offloaded terms are not counted)."""
+        return sum(ladder.device_nbytes for ladder in self.ladders)
+
+    @property
+    def offloaded_nbytes(self) -> int:
+        """Bytes its ladders hold on the offload device."""
+        return sum(ladder.nbytes - ladder.device_nbytes for ladder in self.ladders)
 
 
 class ContextState:
@@ -184,5 +200,11 @@ class ContextState:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of forecast state on the compute device: the units' ladders and the policy's state."""
         extra = getattr(self.policy_state, "nbytes", 0)
         return sum(u.nbytes for u in self.units.values()) + int(extra)
+
+    @property
+    def offloaded_nbytes(self) -> int:
+        """Bytes of the units' ladders held on the offload device."""
+        return sum(u.offloaded_nbytes for u in self.units.values())

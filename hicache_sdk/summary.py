@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import attrs
 
@@ -39,11 +40,20 @@ class RunSummary:
         flops_saved_fraction: counted share of the transformer's FLOPs not spent (matmuls and
             attention, as counted by torch's FlopCounterMode), net of the policy's own work (e.g.
             ClusCa's clustering); ``nan`` if not measured.
-        cache_bytes: bytes held by the ladders (and policy state) of all contexts.
+        cache_bytes: bytes of forecast state (ladders and policy state, every context) on the model's
+            device at the end of the generation; offloaded ladders are counted in ``offloaded_bytes``.
         fallbacks: forecasts that were not finite and were recomputed.
         notes: remarks (e.g. the generic adapter chosen automatically, a guard that failed open).
         guarded_steps: steps the policy's guard made full (few-step schedules, unreadable signals).
         rejected_steps: drafted steps the policy rejected and the runtime ran again in full.
+        peak_cache_bytes: the most forecast-state bytes on the model's device at the end of any step.
+        offloaded_bytes: bytes of ladders held on the offload device at the end of the generation.
+        granularity: of the units (``"modules"``, ``"block"``, ``"range"``, ``"output"``).
+        storage: how the ladders were held (``"native"``, ``"bf16+fp8_e4m3:row"``, ``"planned"``, ...).
+        memory_budget: the declared budget in bytes (``None``: none).
+        predicted_bytes: the memory plan's predicted peak (``None`` without a plan).
+        memory_plan: the plan, in one line (levels used; ``None`` without a plan).
+        prefetched, fetched: offloaded ladder reads that a prefetch had started / that waited for a copy.
     """
 
     policy: str
@@ -60,6 +70,15 @@ class RunSummary:
     notes: tuple[str, ...] = ()
     guarded_steps: int = 0
     rejected_steps: int = 0
+    peak_cache_bytes: int = 0
+    offloaded_bytes: int = 0
+    granularity: str = "modules"
+    storage: str = "native"
+    memory_budget: int | None = None
+    predicted_bytes: int | None = None
+    memory_plan: str | None = None
+    prefetched: int = 0
+    fetched: int = 0
 
     @property
     def flops_speedup(self) -> float:
@@ -76,7 +95,9 @@ class RunSummary:
             f"contexts {', '.join(self.contexts) or '-'}",
             f"steps    {self.steps} ({self.full_steps} full, {self.forecast_steps} forecast)",
             f"FLOPs    {self.flops_saved_fraction:.1%} saved, {self.flops_speedup:.2f}x",
-            f"cache    {self.cache_bytes / 2**20:.2f} MiB",
+            f"cache    {self.cache_bytes / 2**20:.2f} MiB (peak {self.peak_cache_bytes / 2**20:.2f} MiB), "
+            f"units {self.granularity}, storage {self.storage}",
+            *self._memory_lines(),
             f"fallbacks {self.fallbacks}",
             f"guarded  {self.guarded_steps} steps, rejected {self.rejected_steps} drafts",
             *[f"note     {n}" for n in self.notes],
@@ -89,6 +110,21 @@ class RunSummary:
         ]
         return "\n".join([*head, "", *rows])
 
+    def _memory_lines(self) -> list[str]:
+        lines = []
+        if self.memory_budget is not None:
+            predicted = "-" if self.predicted_bytes is None else f"{self.predicted_bytes / 2**20:.2f} MiB"
+            lines.append(
+                f"budget   {self.memory_budget / 2**20:.2f} MiB: predicted {predicted}, measured peak "
+                f"{self.peak_cache_bytes / 2**20:.2f} MiB; plan {self.memory_plan or 'not made yet'}"
+            )
+        if self.offloaded_bytes or self.prefetched or self.fetched:
+            lines.append(
+                f"offload  {self.offloaded_bytes / 2**20:.2f} MiB held off the device; {self.prefetched} reads "
+                f"prefetched, {self.fetched} fetched on demand"
+            )
+        return lines
+
     def __str__(self) -> str:
         return self.table()
 
@@ -98,9 +134,16 @@ def _added(a: list[int], b: list[int]) -> list[int]:
 
 
 def summarize(
-    contexts: list[ContextState], *, policy: str, basis: str, adapter: str, notes: tuple[str, ...] = ()
+    contexts: list[ContextState],
+    *,
+    policy: str,
+    basis: str,
+    adapter: str,
+    notes: tuple[str, ...] = (),
+    **memory: Any,
 ) -> RunSummary:
-    """Aggregate per-context states into one :class:`RunSummary`."""
+    """Aggregate per-context states into one :class:`RunSummary`; ``memory`` sets its memory fields
+    (``peak_cache_bytes``, ``granularity``, ``storage``, ``memory_budget``, ``predicted_bytes``, ``memory_plan``)."""
     units: dict[str, list[int]] = {}
     streams: dict[str, tuple[str, ...]] = {}
     samples: dict[str, list[list[int]]] = {}
@@ -151,4 +194,10 @@ def summarize(
         notes=tuple(notes_of),
         guarded_steps=max((c.guarded_steps for c in contexts), default=0),
         rejected_steps=max((c.rejected_steps for c in contexts), default=0),
+        offloaded_bytes=sum(c.offloaded_nbytes for c in contexts),
+        prefetched=sum(
+            getattr(ladder, "prefetched", 0) for c in contexts for u in c.units.values() for ladder in u.ladders
+        ),
+        fetched=sum(getattr(ladder, "fetched", 0) for c in contexts for u in c.units.values() for ladder in u.ladders),
+        **memory,
     )

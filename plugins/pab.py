@@ -15,6 +15,7 @@ from __future__ import annotations
 import attrs
 
 from hicache_sdk.decision import Decision, StepInfo, UnitDecision
+from hicache_sdk.errors import InvalidParameterError
 from hicache_sdk.policy import DynamicConfig, DynamicPolicy, order_field, warmup_field
 from hicache_sdk.state import ContextState, UnitState
 from hicache_sdk.validation import attrs_validator, check_int, check_real
@@ -103,6 +104,13 @@ class PyramidAttentionBroadcast(DynamicPolicy):
             "fused": c.fused_interval,
             "block": c.block_interval,
         }.get(kind, 1)
+
+    def check_units(self, units: str) -> None:
+        if units in ("range", "output"):
+            raise InvalidParameterError(
+                f"policy 'pab' broadcasts units by kind (attention, mlp, block, ...); units={units!r} has none of "
+                "those kinds and would always compute. Use units='modules' or 'block'."
+            )
 
     def decide(self, ctx: ContextState, unit: UnitState) -> UnitDecision:
         start = ctx.policy_state.start

@@ -107,6 +107,13 @@ class SpeCa(DynamicPolicy):
         state.error = None
         return False
 
+    def check_units(self, units: str) -> None:
+        if units in ("range", "output"):
+            raise InvalidParameterError(
+                f"policy 'speca' verifies a draft on one late block's unit; units={units!r} has no per-block unit. "
+                "Use units='modules' or 'block'."
+            )
+
     def decide(self, ctx: ContextState, unit: UnitState) -> UnitDecision:
         state: DraftState = ctx.policy_state
         if state.verifying and unit.block >= 0 and self._is_verifier(unit.block, ctx):

@@ -94,9 +94,9 @@ def test_accelerator_is_frozen() -> None:
             r"basis must be a registered name or a Basis instance, got 3",
         ),
         (lambda: sdk.compose("taylorseer", basis="hermite", sigma=1.5), r"sigma must be in \(0, 1\], got 1.5"),
-        (lambda: sdk.compose("taylorseer", cache_dtype="fp8"), r"cache_dtype must be one of .*got 'fp8'"),
+        (lambda: sdk.compose("taylorseer", cache_dtype="fp9"), r"cache_dtype: unknown storage format 'fp9'"),
         (lambda: sdk.compose("taylorseer", cache_dtype="bf61"), r"Did you mean 'bf16'\?"),
-        (lambda: sdk.compose("taylorseer", cache_dtype=torch.int8), r"cache_dtype must be a floating dtype"),
+        (lambda: sdk.compose("taylorseer", cache_dtype=torch.int8), r"cache_dtype: storage dtype must be one of"),
     ],
 )
 def test_bad_keywords_are_clear_errors(call: Callable[[], Any], match: str) -> None:
