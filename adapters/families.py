@@ -201,6 +201,8 @@ FAMILIES: tuple[Family, ...] = (
         ),
         timestep_scale=1.0,
         timestep_reversed=True,
+        granularities=("modules", "block", "range"),
+        granularity_note="its forward returns a list of tensors (one per image), not one output to cache",
         source="no reference caching code for Z-Image: attention and feed-forward of every block, before their "
         "output norms and gates",
     ),
@@ -230,6 +232,9 @@ FAMILIES: tuple[Family, ...] = (
         ),
         observed_lists=("double_stream_blocks",),
         token_paths=True,
+        granularities=("modules", "block", "output"),
+        granularity_note="each block takes its own text embeddings (a new encoder_hidden_states per block), so a "
+        "range's residual would mix them",
         source="TaylorSeer-HiDream (HiDreamImageTransformerBlock, HiDreamImageSingleTransformerBlock): attention and "
         "(MoE) MLPs of both block kinds",
     ),

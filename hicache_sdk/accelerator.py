@@ -109,8 +109,17 @@ class Accelerator:
 
     @property
     def tag(self) -> str:
-        """E.g. ``taylorseer[hermite(sigma=0.5)](interval=7, warmup=3, schedule='reference', max_order=2)``."""
-        return self.policy_cls(self.config, self.basis).tag
+        """E.g. ``taylorseer[hermite(sigma=0.5)](interval=7, warmup=3, schedule='reference', max_order=2)``,
+        followed by the memory settings that are not the defaults (``{units=block, cache=bf16+fp8_e4m3:row}``)."""
+        memory = []
+        if self.units.kind != "modules":
+            memory.append(f"units={self.units.name}")
+        if self.storage is not None:
+            memory.append(f"cache={self.storage.name}")
+        if self.memory_budget is not None:
+            memory.append(f"memory_budget={self.memory_budget}")
+        policy = self.policy_cls(self.config, self.basis).tag
+        return f"{policy} {{{', '.join(memory)}}}" if memory else policy
 
     def apply(self, target: Any, *, reduce: Reducer = local_reduce) -> CacheHandle:
         """Attach to a pipeline (its ``transformer``) or a transformer; return the handle.
@@ -269,13 +278,19 @@ class Accelerator:
 
     @staticmethod
     def _check_fit(policy: Policy, adapter: Adapter, units: Granularity = MODULES) -> None:
+        if units.kind != "modules" and policy.needs_token_paths:
+            raise AdapterMismatchError(
+                f"policy {policy.name!r} recomputes units on chosen tokens; units={units.name!r} offers none. "
+                "Use units='modules' with an adapter that has token paths (e.g. 'flux')."
+            )
+        if units.kind not in adapter.granularities:
+            raise AdapterMismatchError(
+                f"adapter {adapter.name!r} serves {type(adapter.model).__name__} with units in "
+                f"{list(adapter.granularities)}, not {units.name!r}"
+                + (f": {adapter.granularity_note}" if adapter.granularity_note else "")
+            )
         policy.check_units(units.kind)
         if units.kind != "modules":
-            if policy.needs_token_paths:
-                raise AdapterMismatchError(
-                    f"policy {policy.name!r} recomputes units on chosen tokens; units={units.name!r} offers none. "
-                    "Use units='modules' with an adapter that has token paths (e.g. 'flux')."
-                )
             if policy.needs_batch_split:
                 raise AdapterMismatchError(
                     f"policy {policy.name!r} has per_sample=True; units={units.name!r} cannot run on a sub-batch. "
@@ -384,7 +399,7 @@ class CacheHandle:
             storage="planned" if runtime.planner is not None else storage,
             memory_budget=None if runtime.planner is None else runtime.planner.budget,
             predicted_bytes=None if plan is None else plan.predicted_bytes,
-            memory_plan=None if plan is None else plan.describe(),
+            memory_plan=None if plan is None else plan.levels_used,
         )
 
     def reset(self, num_steps: int | None = None) -> None:

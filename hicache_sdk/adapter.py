@@ -8,6 +8,7 @@ from typing import ClassVar, cast
 import attrs
 import torch
 
+from .granularity import GRANULARITIES, block_lists
 from .hooks import BlockForward
 from .runtime import Runtime
 
@@ -40,12 +41,16 @@ class Adapter(abc.ABC):
         priority: among adapters that fit a model, the highest priority is chosen.
         provides_token_paths: whether units can be recomputed on a subset of tokens.
         provides_batch_split: whether units can be computed on a sub-batch (per-sample decisions).
+        granularities: the ``units=`` the model can be served with (:mod:`hicache_sdk.granularity`);
+            ``granularity_note`` says why the others are refused.
     """
 
     name: ClassVar[str]
     priority: ClassVar[int] = 0
     provides_token_paths: ClassVar[bool] = False
     provides_batch_split: ClassVar[bool] = False
+    granularities: ClassVar[tuple[str, ...]] = GRANULARITIES
+    granularity_note: ClassVar[str] = ""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -86,8 +91,6 @@ class Adapter(abc.ABC):
         :data:`hicache_sdk.granularity.BLOCK_LISTS`; the indices must agree with those the
         adapter's own units give (:attr:`num_blocks`).
         """
-        from .granularity import block_lists
-
         return [(f"{attr}.{i}", block) for attr, found in block_lists(self.model) for i, block in enumerate(found)]
 
     @property

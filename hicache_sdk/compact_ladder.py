@@ -260,7 +260,7 @@ class CompactLadder(DifferenceLadder):
                     new = following
             self._spacing = spacing
         else:
-            self._staged = None
+            self._staged, self._ready = None, None
             self._store(0, new)
             self._spacing = None
         self._size = new_size

@@ -26,7 +26,8 @@ import torch
 
 from .adapter import Adapter, BlockBinding
 from .decision import UNIT_KINDS
-from .errors import AdapterMismatchError
+from .errors import AdapterMismatchError, InvalidParameterError
+from .granularity import GRANULARITIES
 from .hooks import BlockForward
 from .policy import TokenPath
 from .runtime import Runtime, UnitOutputs
@@ -159,6 +160,8 @@ class Family:
         priority: among adapters that fit a model, the highest wins (``generic`` is -100).
         token_paths: whether token-level policies may run (some unit has ``tokens`` and the
             observed blocks' image tokens are the tokens those units see).
+        granularities: the ``units=`` this family can be served with (see
+            :mod:`hicache_sdk.granularity`); ``granularity_note`` says why others are not.
     """
 
     name: str = attrs.field(validator=_nonempty)
@@ -171,8 +174,16 @@ class Family:
     source: str = ""
     priority: int = 50
     token_paths: bool = False
+    granularities: tuple[str, ...] = attrs.field(default=GRANULARITIES)
+    granularity_note: str = ""
 
     def __attrs_post_init__(self) -> None:
+        unknown = sorted(set(self.granularities) - set(GRANULARITIES))
+        if unknown or "modules" not in self.granularities:
+            raise InvalidParameterError(
+                f"family {self.name!r}: granularities must include 'modules' and come from {list(GRANULARITIES)}, "
+                f"got {list(self.granularities)}"
+            )
         if self.observed_lists != self.block_lists[: len(self.observed_lists)]:
             raise ValueError(f"observed_lists {self.observed_lists} must lead block_lists {self.block_lists}")
 
@@ -462,6 +473,8 @@ def family_adapter(family: Family, module: str | None = None) -> type[FamilyAdap
             "name": family.name,
             "priority": family.priority,
             "provides_token_paths": family.token_paths,
+            "granularities": family.granularities,
+            "granularity_note": family.granularity_note,
             "__doc__": f"Units of {', '.join(family.models)}, declared as data. {family.source}".strip(),
             "__module__": owner,
         },

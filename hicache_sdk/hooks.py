@@ -205,9 +205,10 @@ def _output_kind(output: Any) -> tuple[str, type]:
         return "tuple", type(output)
     if isinstance(getattr(output, "sample", None), torch.Tensor) and len(getattr(output, "keys", list)()) <= 1:
         return "object", type(output)
+    inside = output[0] if isinstance(output, (tuple, list)) and output else getattr(output, "sample", None)
+    what = type(output).__name__ + ("" if inside is None else f" of {type(inside).__name__}")
     raise AdapterMismatchError(
-        f"units='output' caches the model's one output; this forward returned {type(output).__name__} "
-        "holding more than one: use a finer granularity"
+        f"units='output' caches the model's one output tensor; this forward returned a {what}: use a finer granularity"
     )
 
 

@@ -22,7 +22,10 @@ import torch
 
 from .basis import Basis
 from .errors import InvalidParameterError
+from .storage import EncodedTerm, parse_format, weighted_decode
 from .validation import check_int
+
+_PLAIN_FORMATS = {dtype: parse_format(dtype) for dtype in (torch.bfloat16, torch.float16)}
 
 __all__ = ["DifferenceLadder", "weighted_sum"]
 
@@ -35,6 +38,12 @@ def weighted_sum(weights: Sequence[float], terms: torch.Tensor, dtype: torch.dty
     a non-finite result (as the multiplication would), not an error.
     """
     compute_dtype = torch.promote_types(dtype, torch.float32)
+    if terms.device.type == "cpu" and terms.dtype != compute_dtype and terms.dtype in _PLAIN_FORMATS:
+        # on CPU a mixed-dtype multiply-add is slow: decode in cache-sized chunks (the same arithmetic)
+        fmt = _PLAIN_FORMATS[terms.dtype]
+        return weighted_decode(
+            weights, [EncodedTerm(terms[i]) for i in range(len(weights))], [fmt] * len(weights), dtype
+        )
     largest = torch.finfo(compute_dtype).max
     out = terms[0].to(compute_dtype, copy=True)
     if weights[0] != 1.0:

@@ -1,7 +1,7 @@
 """Fit forecast state into a memory budget: per unit a storage format and an offload, per block a granularity.
 
 The planner works once the first step has run (every unit's output shapes are then known; until
-then anchors are held in the cheapest format, fp8 with per-row scales). It walks a list of
+then anchors are held as accurately as the budget allows, at worst in fp8 with one scale per tensor). It walks a list of
 *levels*, from the one that loses least accuracy to the one that saves most memory:
 
 ======================  ============================================================
@@ -14,10 +14,16 @@ level                   what it holds
 ``block bf16+fp8``      each block as one residual unit (``units="block"``), ``bf16+fp8``
 ``fp8``                 every order in fp8 (e4m3, per-row scales)
 ``block fp8``           each block as one residual unit, fp8
+``fp8 per tensor``      every order in fp8 with one scale per tensor (narrow units:
+                        a row's scale costs 4 bytes)
+``block fp8 per t.``    each block as one residual unit, fp8 per tensor
 ======================  ============================================================
 
-The order is the error model: it is the order of the levels' measured rel. L2 against the
-uncached model on the embedded digits model at the paper setting (docs: benchmarks, "Memory").
+The order is the planner's error model: storage precision first (the unit roundoff of the
+format: float32 2^-24, bfloat16 2^-8, fp8 e4m3 2^-4 of each row's scale; ``D^0``, the term every
+forecast carries whole, keeps bf16 longest), then granularity (a block's residual skips the gates
+its modules' units keep). The measured rel. L2 of each level on the embedded digits model is in
+the benchmarks ("Memory"); there the levels lose little accuracy down to ``block bf16+fp8``.
 The plan takes the first level whose predicted bytes fit the budget, then moves back to the
 level before it as many planning atoms (a unit, or a block with its units) as still fit, smallest
 first. Offloaded levels appear only when the model runs on an accelerator; block levels only
@@ -108,7 +114,7 @@ class Level:
     offload: bool = False
 
 
-#: The levels, most accurate first (see the module's docstring for how the order was measured).
+#: The levels, most accurate first (the module's docstring gives the error model behind the order).
 LEVELS: tuple[Level, ...] = (
     Level("native", None),
     Level("bf16", "bf16"),
@@ -117,6 +123,8 @@ LEVELS: tuple[Level, ...] = (
     Level("block bf16+fp8", "bf16+fp8", coarse=True),
     Level("fp8", "fp8"),
     Level("block fp8", "fp8", coarse=True),
+    Level("fp8 per tensor", "fp8:tensor"),
+    Level("block fp8 per tensor", "fp8:tensor", coarse=True),
 )
 
 
@@ -153,10 +161,14 @@ class MemoryPlan:
         held = [*self.storages.values(), *self.coarse.values(), self.unseen]
         return any(s is not None and s.offload is not None for s in held)
 
+    @property
+    def levels_used(self) -> str:
+        """E.g. ``"2 x bf16+fp8, 2 x block bf16+fp8"`` (planning atoms per level)."""
+        return ", ".join(f"{count} x {name}" for name, count in self.levels.items() if count)
+
     def describe(self) -> str:
         """One line: the levels used and the predicted bytes against the budget."""
-        used = ", ".join(f"{count} x {name}" for name, count in self.levels.items() if count)
-        return f"{used}; predicted {format_bytes(self.predicted_bytes)} of {format_bytes(self.budget)}"
+        return f"{self.levels_used}; predicted {format_bytes(self.predicted_bytes)} of {format_bytes(self.budget)}"
 
 
 @attrs.define
@@ -177,6 +189,8 @@ class MemoryPlanner:
         coarse: whether blocks may be served as one residual unit (policy and adapter allow it).
         offload: the device ladders may be offloaded to (``None``: no offload).
         prefetch_units: units fetched ahead of use when offloaded (the device bytes of offloaded levels).
+        levels: the levels to walk, most accurate first (default :data:`LEVELS`); those that need
+            coarse units or an offload device are dropped when not allowed.
     """
 
     def __init__(
@@ -197,7 +211,7 @@ class MemoryPlanner:
         self.levels = tuple(
             level for level in levels if (coarse or not level.coarse) and (offload is not None or not level.offload)
         )
-        self.provisional = LadderStorage(parse_ladder_format("fp8"))
+        self.provisional = LadderStorage(parse_ladder_format("fp8:tensor"))  # the fewest bytes
 
     def first_storage(self, outputs: Sequence[torch.Tensor], held: int) -> LadderStorage | None:
         """Storage of a unit first recorded before the plan exists, when ``held`` bytes are already held.

@@ -324,6 +324,8 @@ class Runtime:
         ctx, sig = self.current, self._signature
         if ctx is not None:
             accepted = self.policy.end_step(ctx, output) is not False
+            if self.planner is not None and self.plan is None:
+                self._make_room(0)  # the policy's own state grew: first anchors give way to keep the budget
             if not accepted and not ctx.full and self._step_forecasts:
                 if self._redo_step(ctx):
                     return True
@@ -372,8 +374,9 @@ class Runtime:
     def _plan_memory(self, ctx: ContextState, signature: tuple[Any, ...]) -> None:
         """Put the memory plan for these input shapes in force: made once the first step showed every unit.
 
-        Until then (the first step of the first generation with new shapes) ladders are held in the
-        planner's cheapest storage, so that the budget holds from the first anchor on.
+        Until then (the first step of the first generation with new shapes) each unit's first anchor
+        is held as accurately as the budget still allows (:meth:`_first_storage`), so that the budget
+        holds from the first anchor on.
         """
         if self.planner is None:
             return
@@ -400,7 +403,14 @@ class Runtime:
         assert self.planner is not None
         cheapest = self.planner.provisional
         assert cheapest.format is not None
-        need = sum(cheapest.format.of(0).nbytes(tuple(o.shape)) for o in outputs)
+        held = self._make_room(sum(cheapest.format.of(0).nbytes(tuple(o.shape)) for o in outputs))
+        state.restore(self.planner.first_storage(outputs, held))
+
+    def _make_room(self, need: int) -> int:
+        """Before the plan: move stored units to the cheapest storage (largest first) until ``need`` more bytes
+        fit the budget; return the bytes then held."""
+        assert self.planner is not None
+        cheapest = self.planner.provisional
         held = sum(c.nbytes for c in self.contexts.values())
         if held + need > self.planner.budget:
             stored = [u for c in self.contexts.values() for u in c.units.values() if not u.empty]
@@ -411,7 +421,7 @@ class Runtime:
                     held -= before - unit.nbytes
                     if held + need <= self.planner.budget:
                         break
-        state.restore(self.planner.first_storage(outputs, held))
+        return held
 
     def _run_generation_checks(self) -> None:
         for check in self.generation_checks:
@@ -765,8 +775,8 @@ class Runtime:
             return 0.0
         served = {p.stream for p in token_paths}
         total = sum(
-            int(ladder.term(0).shape[0] * ladder.term(0).shape[1])
-            for stream, ladder in zip(state.streams, state.ladders, strict=True)
+            int(shape[0] * shape[1])
+            for stream, (shape, _, _) in zip(state.streams, state.layout, strict=True)
             if stream in served
         )
         return min(1.0, recomputed / total) if total else 0.0

@@ -67,7 +67,8 @@ class UnitState:
     Attributes:
         key: the unit's name; ``block`` and ``kind``: where it sits and what it computes.
         streams: names of its outputs; ``ladders``: one :class:`~hicache_sdk.ladder.DifferenceLadder`
-            per stream (a policy forecasts from them and may edit ``ladder.term(0)``, as ClusCa does).
+            per stream (a policy forecasts from them and may edit a term, as ClusCa does with
+            ``D^0``: ``term(i)`` then ``set_term(i, edited)``, since an encoded ladder's term is a copy).
         counts: a :class:`UnitCounts`; ``layout``: (shape, dtype, device) of each computed output.
         storage: how its ladders are held (:class:`~hicache_sdk.storage.LadderStorage`; ``None``: in
             the features' dtype, with them).

@@ -54,6 +54,7 @@ _ALIASES: dict[str, str] = {
 FORMAT_NAMES: tuple[str, ...] = (*_PLAIN, *_FP8, *_ALIASES)
 _SCALINGS = ("row", "tensor")
 _CHUNK_ELEMENTS = 1 << 18  # CPU decoding works on about 1 MiB of float32 at a time (it stays in L2)
+_BITS_MIN_ELEMENTS = 1 << 15  # below, torch's own (scalar) conversion costs less than five more ops
 _E4M3_FACTOR = 256.0  # the e4m3 bits moved into float16 read 2^-8 of their value
 
 
@@ -105,7 +106,8 @@ class StorageFormat:
 
     @property
     def relative_error(self) -> float:
-        """Unit roundoff of the storage dtype (half its machine epsilon): the error model of the planner."""
+        """Unit roundoff of the storage dtype (half its machine epsilon): the relative error of one stored value
+        against its scale (the planner orders its levels by this precision first)."""
         return float(torch.finfo(self.dtype).eps) / 2
 
     def nbytes(self, shape: Sequence[int]) -> int:
@@ -280,8 +282,14 @@ def _bits_into(out: torch.Tensor, data: torch.Tensor, fmt: StorageFormat, scratc
     return _E4M3_FACTOR
 
 
-def _fast_fp8(fmt: StorageFormat, device: torch.device) -> bool:
-    return device.type == "cpu" and fmt.scaled and fmt.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+def _fast_fp8(fmt: StorageFormat, device: torch.device, numel: int) -> bool:
+    """Whether to decode by bit moves: on CPU, for tensors large enough that per-op overhead does not dominate."""
+    return (
+        device.type == "cpu"
+        and numel >= _BITS_MIN_ELEMENTS
+        and fmt.scaled
+        and fmt.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    )
 
 
 def weighted_decode(
@@ -306,7 +314,7 @@ def weighted_decode(
     flats = [(t.data.reshape(rows, width), None if t.scale is None else t.scale.reshape(-1, 1)) for t in terms]
     step = max(1, _CHUNK_ELEMENTS // max(width, 1)) if device.type == "cpu" else max(rows, 1)
     chunk_elements = min(step, max(rows, 1)) * width
-    needs_bits = any(_fast_fp8(f, device) for f in formats)
+    needs_bits = any(_fast_fp8(f, device, first.numel()) for f in formats)
     bits = torch.empty(chunk_elements, dtype=torch.int16, device=device) if needs_bits else None
     scratch = torch.empty(chunk_elements, dtype=compute, device=device) if len(terms) > 1 else None
     for start in range(0, rows, step):
@@ -318,7 +326,7 @@ def weighted_decode(
             if filled and weight == 0.0:
                 continue
             buffer = target if not filled else scratch[:n].view(stop - start, width)  # type: ignore[index]
-            if _fast_fp8(fmt, device):
+            if _fast_fp8(fmt, device, first.numel()):
                 assert bits is not None
                 factor = _bits_into(buffer, data[start:stop], fmt, bits[:n].view(stop - start, width))
             else:

@@ -52,7 +52,8 @@ class RunSummary:
         storage: how the ladders were held (``"native"``, ``"bf16+fp8_e4m3:row"``, ``"planned"``, ...).
         memory_budget: the declared budget in bytes (``None``: none).
         predicted_bytes: the memory plan's predicted peak (``None`` without a plan).
-        memory_plan: the plan, in one line (levels used; ``None`` without a plan).
+        memory_plan: the levels the plan uses, e.g. ``"2 x bf16+fp8, 2 x block bf16+fp8"`` (``None``
+            without a plan).
         prefetched, fetched: offloaded ladder reads that a prefetch had started / that waited for a copy.
     """
 

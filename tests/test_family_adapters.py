@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import types
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 
 import hicache_sdk as sdk
 from hicache_sdk.family import BlockSpec, Family, Unit, family_adapter
+from hicache_sdk.granularity import GRANULARITIES
 from hicache_sdk.testing.families import FAMILY_CASES
 
 STEPS = 6
@@ -124,12 +126,28 @@ def test_bad_declarations_are_refused(make: Any, message: str) -> None:
 
 def test_the_supported_models_page_lists_every_adapter_with_its_model_class() -> None:
     page = (Path(__file__).parents[1] / "docs" / "reference" / "adapters" / "families.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| ")}
+    rows: dict[str, str] = {}
+    for line in page.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split("|")[1].strip(), line)  # the matrix comes first
     for name, registration in sdk.get_registry().entries("adapter").items():
         assert name in rows, f"adapter {name!r} is missing from the supported-models matrix"
         family = getattr(registration.obj, "family", None)
         if family is not None:
             assert f"`{family.models[0]}`" in rows[name]
+
+
+def test_the_supported_models_page_lists_the_granularities_each_family_refuses() -> None:
+    page = (Path(__file__).parents[1] / "docs" / "reference" / "adapters" / "families.md").read_text()
+    kinds = "|".join(GRANULARITIES)
+    listed = set(re.findall(rf"^\| (\w+) \| `({kinds})` \|", page, flags=re.MULTILINE))
+    refused = {
+        (name, kind)
+        for name, registration in sdk.get_registry().entries("adapter").items()
+        for kind in GRANULARITIES
+        if kind not in getattr(registration.obj, "granularities", GRANULARITIES)
+    }
+    assert listed == refused and refused  # the families that refuse some units=, and only those
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CASES))

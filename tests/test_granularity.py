@@ -205,7 +205,8 @@ def test_range_refuses_a_model_that_changes_tokens_between_blocks() -> None:
     [
         ("first_block", "range", InvalidParameterError, r"'first_block' watches blocks.*units='range'"),
         ("first_block", "output", InvalidParameterError, r"'first_block' watches blocks.*units='output'"),
-        ("clusca", "output", InvalidParameterError, r"'clusca' watches blocks"),
+        ("clusca", "output", AdapterMismatchError, r"'clusca' recomputes units on chosen tokens; units='output'"),
+        ("first_block", "range[1:]", InvalidParameterError, r"'first_block' watches blocks"),
         ("clusca", "block", AdapterMismatchError, r"'clusca' recomputes units on chosen tokens; units='block'"),
         ("pab", "range", InvalidParameterError, r"'pab' broadcasts units by kind"),
         ("speca", "output", InvalidParameterError, r"'speca' verifies a draft on one late block"),
@@ -233,10 +234,14 @@ def test_dynamic_policies_run_on_block_units(policy: str) -> None:
 
 
 # -- every family -------------------------------------------------------------------------------------
-#: (family, units) refused at the first step, and why: the model does what the granularity cannot serve
+#: (family, units) the family's adapter refuses when applied, and the error the first step gives without it
 REFUSED = {
-    ("hidream", "range"): r"'encoder_hidden_states' changed before double_stream_blocks\.1",  # new text per block
-    ("zimage", "output"): r"units='output' caches the model's one output",  # returns a list of tensors
+    ("hidream", "range"): r"adapter 'hidream' serves .* not 'range': each block takes its own text embeddings",
+    ("zimage", "output"): r"adapter 'zimage' serves .* not 'output': its forward returns a list of tensors",
+}
+FIRST_STEP = {
+    ("hidream", "range"): r"'encoder_hidden_states' changed before double_stream_blocks\.1",
+    ("zimage", "output"): r"caches the model's one output tensor; this forward returned a tuple of list",
 }
 
 
@@ -248,11 +253,14 @@ def test_every_family_is_exact_at_interval_one_or_refused(family: str, units: st
     calls = [case.inputs(2, 1.0 - s / 4, 0) for s in range(3)]
     with torch.no_grad():
         reference = [case.output(model(**c)) for c in calls]
+        if (family, units) in REFUSED:  # declared by the family: refused when applied
+            with pytest.raises(AdapterMismatchError, match=REFUSED[family, units]):
+                sdk.compose("taylorseer", interval=1, units=units).apply(model)
+            with sdk.compose("taylorseer", interval=1, units=units, adapter="generic").apply(model):
+                with pytest.raises(AdapterMismatchError, match=FIRST_STEP[family, units]):
+                    model(**calls[0])  # the generic adapter does not know: the first step finds out
+            return
         with sdk.compose("taylorseer", interval=1, units=units).apply(model) as handle:
-            if (family, units) in REFUSED:
-                with pytest.raises(AdapterMismatchError, match=REFUSED[family, units]):
-                    model(**calls[0])
-                return
             served = [case.output(model(**c)) for c in calls]
             assert handle.summary().units  # units were served
     for got, want in zip(served, reference, strict=True):

@@ -166,6 +166,16 @@ def test_a_tight_budget_coarsens_blocks_and_keeps_accuracy(digits: DigitsModel) 
     assert error < 1.5 * baseline  # a quarter of the bytes, about the same error (figures in the benchmarks)
 
 
+@pytest.mark.parametrize("units", ["block", "range", "output"])
+def test_budgets_plan_the_formats_of_coarser_units(digits: DigitsModel, units: str) -> None:
+    policy, params = POLICIES["taylorseer m=2"]
+    _, free = _run(digits, policy, params, units=units)
+    budget = int(free.peak_cache_bytes * 0.4)
+    _, summary = _run(digits, policy, params, units=units, memory_budget=budget)
+    assert summary.granularity == units and summary.memory_plan is not None and "block" not in summary.memory_plan
+    assert 0 < summary.peak_cache_bytes <= budget
+
+
 def test_policies_that_need_module_units_are_not_coarsened(digits: DigitsModel) -> None:
     policy, params = POLICIES["clusca"]
     _, free = _run(digits, policy, params)
