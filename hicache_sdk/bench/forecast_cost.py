@@ -4,7 +4,9 @@ A forecast is ``sum_i w_i D^i`` over the unit's ladder (:meth:`DifferenceLadder.
 copy of ``D^0`` into the output (converted to float32) and one multiply-add per further order. For
 order 2 that is ~8 passes over a feature-sized tensor against 2 for a copy (one read, one write),
 so expect a ratio near 4 in float32 when memory bound; bfloat16 storage reads half the bytes
-of each ``D^i``. The basis only changes three host-side floats.
+of each ``D^i``. The basis only changes three host-side floats. Ladders held in fp8 (per-row or
+per-tensor scales) or mixed (``bf16+fp8``) decode each order into float32 scratch, chunk by chunk
+on CPU (:func:`~hicache_sdk.storage.weighted_decode`): their cost is compared with the same copy.
 
 Run ``python -m hicache_sdk.bench.forecast_cost [--device cuda] [--repeats 21]``. Every repeat
 times each variant once, in a rotating order (interleaved); the table shows medians and the ratio
@@ -21,8 +23,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..basis import Basis
+from ..compact_ladder import make_ladder
 from ..ladder import DifferenceLadder
 from ..plugins.bases import HermiteBasis, TaylorBasis
+from ..storage import LadderStorage, parse_ladder_format
+
+#: Storage of the ladders compared (``None``: the features' float32).
+STORAGES: tuple[str | None, ...] = (None, "bf16", "bf16+fp8", "fp8", "fp8:tensor")
 
 __all__ = ["main", "measure"]
 
@@ -40,8 +47,8 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return run
 
 
-def _ladder(features: Sequence[torch.Tensor], order: int, storage: torch.dtype | None) -> DifferenceLadder:
-    ladder = DifferenceLadder(order, storage)
+def _ladder(features: Sequence[torch.Tensor], order: int, storage: str | None) -> DifferenceLadder:
+    ladder = make_ladder(order, None if storage is None else LadderStorage(parse_ladder_format(storage)))
     for step, feature in enumerate(features):
         ladder.update(feature, step)
     assert ladder.order == order
@@ -63,7 +70,7 @@ def measure(
     dev = torch.device(device)
     generator = torch.Generator(device=dev).manual_seed(0)
     features = [torch.randn(tuple(shape), generator=generator, device=dev) for _ in range(order + 1)]
-    ladders = {"fp32": _ladder(features, order, None), "bf16": _ladder(features, order, torch.bfloat16)}
+    ladders = {storage or "fp32": _ladder(features, order, storage) for storage in STORAGES}
     source = features[-1]
     step = order + 2  # offset 2 from the newest anchor
     variants: dict[str, Callable[[], object]] = {"clone fp32": source.clone}
@@ -85,8 +92,8 @@ def measure(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=4096)
-    parser.add_argument("--cols", type=int, default=3072)
+    parser.add_argument("--rows", type=int, default=4096, help="tokens (default: FLUX at 1024^2)")
+    parser.add_argument("--cols", type=int, default=3072, help="channels (default: FLUX's hidden size)")
     parser.add_argument("--order", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -75,6 +75,7 @@ class MethodResult:
     cache_bytes: int
     fallbacks: int
     wall: WallSpread | None = None  # spread of wall_seconds and its flags (see .wall)
+    peak_cache_bytes: int = 0  # the most forecast-state bytes on the device at the end of a step
 
 
 @attrs.frozen
@@ -249,6 +250,7 @@ def run_bench(
                 full_steps=summary.full_steps if summary is not None else settings.steps,
                 forecast_steps=summary.forecast_steps if summary is not None else 0,
                 cache_bytes=summary.cache_bytes if summary is not None else 0,
+                peak_cache_bytes=summary.peak_cache_bytes if summary is not None else 0,
                 fallbacks=summary.fallbacks if summary is not None else 0,
                 wall=wall_spread(
                     times[spec.label], times[FULL], wall_speedup=wall_speedup, flops_speedup=flops_speedup
