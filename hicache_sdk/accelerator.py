@@ -190,6 +190,8 @@ class Accelerator:
             for _, denoiser in denoisers:
                 detach_all(denoiser)
             raise
+        if runtime.planner is not None and runtime.planner.offload is None and self.storage is not None:
+            notes.append(f"offload={self.storage.offload} unused: the model runs on {_device_of(model)} already")
         handle = CacheHandle(model=model, runtime=runtime, adapter=adapters[0], notes=tuple(notes))
         handle.units = self.units.name
         handle.denoisers = tuple(zip((d for _, d in denoisers), adapters, strict=True))
@@ -227,7 +229,9 @@ class Accelerator:
         offload = None
         if device.type != "cpu":
             offload = self.storage.offload if self.storage is not None and self.storage.offload else torch.device("cpu")
-        return MemoryPlanner(self.memory_budget, policy.max_order, coarse=self._coarse_allowed(policy), offload=offload)
+        return MemoryPlanner(
+            self.memory_budget, policy.max_order, coarse=self._coarse_allowed(policy), offload=offload, device=device
+        )
 
     def _coarse_allowed(self, policy: Policy) -> bool:
         """Whether a memory plan may serve blocks as one residual unit."""
@@ -296,6 +300,7 @@ class Accelerator:
                     f"policy {policy.name!r} has per_sample=True; units={units.name!r} cannot run on a sub-batch. "
                     "Use units='modules' or per_sample=False."
                 )
+            policy.check_adapter(adapter)
             return
         if policy.needs_token_paths and not adapter.provides_token_paths:
             raise AdapterMismatchError(

@@ -64,7 +64,7 @@ def convert_ladder(ladder: DifferenceLadder, max_order: int, storage: LadderStor
         for i, term in enumerate(terms):
             fresh._store(i, term)
     else:
-        dtype = fresh.storage_dtype or first.dtype
+        dtype = fresh.storage_dtype or ladder._feature_dtype or first.dtype
         fresh._terms = torch.zeros((max_order + 1, *first.shape), dtype=dtype, device=first.device)
         for i, term in enumerate(terms):
             fresh._terms[i].copy_(term)
@@ -88,8 +88,8 @@ class CompactLadder(DifferenceLadder):
         storage: the format of each order and the offload device.
 
     Attributes:
-        prefetched: reads of the offloaded terms that a prefetch had started; ``fetched``: reads
-            that had to copy them on demand.
+        prefetched: prefetches that a read used (:meth:`term`, a forecast or an update); ``fetched``:
+            reads that had to copy the terms on demand.
     """
 
     def __init__(self, max_order: int, storage: LadderStorage) -> None:
@@ -99,12 +99,15 @@ class CompactLadder(DifferenceLadder):
         super().__init__(max_order, None)
 
     def reset(self) -> None:
+        if getattr(self, "_ready", None) is not None:
+            self._settle()
         super().reset()
         self._slots: list[EncodedTerm] = []
         self._device: torch.device | None = None
         self._shape: tuple[int, ...] | None = None
         self._staged: list[EncodedTerm] | None = None
         self._ready: Any = None  # CUDA event: the prefetch has landed
+        self._unread = False  # the staged copies come from a prefetch and were not read yet
         self._written: Any = None  # CUDA event: the last write-back was issued
 
     # -- where the terms are ------------------------------------------------------------------
@@ -149,11 +152,12 @@ class CompactLadder(DifferenceLadder):
                 self._ready.record(stream)
         else:
             self._staged = [s.to(self._device, copy=True) for s in self._slots]
+        self._unread = True
 
     def _terms_here(self, *, keep: bool = False) -> list[EncodedTerm]:
         """The stored terms on the compute device (the prefetched ones, or fetched now).
 
-        With ``keep`` a fetch is staged for the next read too (:meth:`term` before a forecast).
+        With ``keep`` they stay staged for the next read too (:meth:`term` before a forecast).
         """
         if self.storage.offload is None:
             return self._slots
@@ -161,26 +165,33 @@ class CompactLadder(DifferenceLadder):
         if self._staged is None:
             self.fetched += 1
             staged = [s.to(self._device, copy=True) for s in self._slots]
-            if keep:
-                self._staged = staged
-                return staged
-        elif keep:
-            return self._staged
-        else:
+            self._staged = staged if keep else None
+            return staged
+        staged = self._staged
+        if self._unread:
             self.prefetched += 1
-            staged = self._staged
-            if self._ready is not None:
-                current = torch.cuda.current_stream(self._device)
-                current.wait_event(self._ready)
-                for term in staged:
-                    for t in (term.data, term.scale):
-                        if t is not None:
-                            t.record_stream(current)
-        self._staged, self._ready = None, None
+            self._unread = False
+        if self._ready is not None:  # the copies were made on the side stream: wait for them, then own them
+            current = torch.cuda.current_stream(self._device)
+            current.wait_event(self._ready)
+            for term in staged:
+                for t in (term.data, term.scale):
+                    if t is not None:
+                        t.record_stream(current)
+            self._ready = None
+        if not keep:
+            self._staged = None
         return staged
+
+    def _settle(self) -> None:
+        """Let a prefetch in flight finish before the stored terms change or its copies are dropped."""
+        if self._ready is not None:
+            torch.cuda.current_stream(self._device).wait_event(self._ready)
+            self._ready = None
 
     def _store(self, order: int, value: torch.Tensor) -> None:
         """Encode ``value`` as ``D^order`` (on the compute device) and keep it at home."""
+        self._settle()  # a prefetch may still be reading the home copy
         encoded = self._format(order).encode(value)
         if self.storage.offload is not None:
             assert self.storage.offload is not None
@@ -222,7 +233,8 @@ class CompactLadder(DifferenceLadder):
     def set_term(self, i: int, value: torch.Tensor) -> None:
         if not 0 <= i < self._size or (self._rows is not None and i > self.order):
             raise IndexError(f"ladder holds orders 0..{self.order}, asked to set {i}")
-        self._staged, self._ready = None, None  # a prefetched copy would hide the new value
+        self._settle()
+        self._staged = None  # a prefetched copy would hide the new value
         self._store(i, value)
 
     def update(
@@ -260,7 +272,8 @@ class CompactLadder(DifferenceLadder):
                     new = following
             self._spacing = spacing
         else:
-            self._staged, self._ready = None, None
+            self._settle()
+            self._staged = None
             self._store(0, new)
             self._spacing = None
         self._size = new_size
@@ -289,15 +302,9 @@ class CompactLadder(DifferenceLadder):
         self._terms = full
         try:
             yield
+            held = max(size for _, size, _ in self._row_meta())
         finally:
             self._terms = None
         if write_back:
-            held = max(size for _, size, _ in self._row_meta_of(full))
             for i in range(held):
                 self._store(i, full[i])
-
-    def _row_meta_of(self, full: torch.Tensor) -> list[tuple[int, int, float | None]]:
-        if self._rows is not None:
-            return self._rows
-        assert self._last_step is not None
-        return [(self._last_step, self._size, self._spacing)] * int(full.shape[1])

@@ -82,7 +82,7 @@ OUTPUT_LAYOUTS: dict[str, tuple[str, ...]] = {
     "ZImageTransformerBlock": ("x",),
 }
 
-_RANGE = re.compile(r"range\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\]")
+_RANGE = re.compile(r"range\[\s*(-?\d+)?\s*:\s*(-?\d+)?\s*\]")
 
 
 @attrs.frozen
@@ -127,7 +127,7 @@ def parse_units(value: str | Granularity) -> Granularity:
         raise InvalidParameterError(
             f"units must be one of {list(GRANULARITIES)} or 'range[a:b]' (blocks a..b-1 in run order), got {value!r}"
         )
-    start, stop = (int(g) if g not in ("", "-") else None for g in match.groups())
+    start, stop = (None if g is None else int(g) for g in match.groups())
     return Granularity("range", 0 if start is None else start, stop)  # one range, even over every block
 
 

@@ -42,6 +42,7 @@ import attrs
 import torch
 
 from .errors import InvalidParameterError
+from .runtime import PREFETCH_UNITS
 from .state import ContextState
 from .storage import LadderFormat, LadderStorage, parse_ladder_format
 
@@ -93,8 +94,19 @@ def format_bytes(count: float) -> str:
     return f"{int(count)} B"
 
 
+def _supported(level: Level, device: torch.device) -> bool:
+    """Whether ``device`` holds the level's format (fp8 is missing on some devices and builds)."""
+    if level.format is None:
+        return True
+    try:
+        parse_ladder_format(level.format).check_device(device)
+    except InvalidParameterError:
+        return False
+    return True
+
+
 def _native_format(outputs: Sequence[torch.Tensor]) -> LadderFormat | None:
-    """The format of the outputs' own dtype (``None`` when it has none, e.g. float64 or mixed dtypes)."""
+    """The format of the outputs' own dtype (``None`` for mixed dtypes or one no format holds)."""
     dtypes = {t.dtype for t in outputs}
     if len(dtypes) != 1:
         return None
@@ -136,10 +148,12 @@ class MemoryPlan:
         budget: the declared budget in bytes.
         storages: unit key -> how its ladders are held.
         coarse: block key -> how the block's residual unit is held, for the blocks served as one unit.
-        unseen: how units not seen when planning are held (the cheapest storage of the plan).
+        unseen: how units not seen when planning are held (the cheapest storage of the plan) until
+            the runtime plans again.
         predicted_bytes: forecast-state bytes on the compute device at the peak of a generation (the plan's,
             or the first step's before the plan, if more).
         levels: level name -> number of planning atoms at that level.
+        contexts: the contexts (CFG branches) the plan counted.
     """
 
     budget: int
@@ -148,6 +162,7 @@ class MemoryPlan:
     unseen: LadderStorage | None
     predicted_bytes: int
     levels: Mapping[str, int]
+    contexts: int = 1
 
     def storage_of(self, key: str) -> LadderStorage | None:
         """The storage of unit ``key``."""
@@ -191,6 +206,7 @@ class MemoryPlanner:
         prefetch_units: units fetched ahead of use when offloaded (the device bytes of offloaded levels).
         levels: the levels to walk, most accurate first (default :data:`LEVELS`); those that need
             coarse units or an offload device are dropped when not allowed.
+        device: the model's device: levels whose format it cannot hold are left out.
     """
 
     def __init__(
@@ -200,8 +216,9 @@ class MemoryPlanner:
         *,
         coarse: bool = False,
         offload: torch.device | None = None,
-        prefetch_units: int = 8,
+        prefetch_units: int = PREFETCH_UNITS,
         levels: Sequence[Level] = LEVELS,
+        device: torch.device | None = None,
     ) -> None:
         self.budget = budget
         self.max_order = max_order
@@ -209,9 +226,18 @@ class MemoryPlanner:
         self.offload = offload
         self.prefetch_units = prefetch_units
         self.levels = tuple(
-            level for level in levels if (coarse or not level.coarse) and (offload is not None or not level.offload)
+            level
+            for level in levels
+            if (coarse or not level.coarse)
+            and (offload is not None or not level.offload)
+            and (device is None or _supported(level, device))
         )
-        self.provisional = LadderStorage(parse_ladder_format("fp8:tensor"))  # the fewest bytes
+        plain = [level for level in self.levels if not level.coarse and not level.offload]
+        if not plain:
+            raise InvalidParameterError(f"memory_budget: no storage format of the planner works on {device}")
+        # first anchors fall back to the fewest bytes
+        cheapest = self._storage(plain[-1]) or LadderStorage(parse_ladder_format("fp32"))
+        self.provisional = attrs.evolve(cheapest, compact=True)  # held order by order: D^0 only at first
 
     def first_storage(self, outputs: Sequence[torch.Tensor], held: int) -> LadderStorage | None:
         """Storage of a unit first recorded before the plan exists, when ``held`` bytes are already held.
@@ -290,7 +316,7 @@ class MemoryPlanner:
                 trial[i] = better
                 if total(trial) <= self.budget:
                     chosen = trial
-        return self._plan(atoms, chosen, max(total(chosen), first_step))
+        return self._plan(atoms, chosen, max(total(chosen), first_step), len(contexts))
 
     def _atoms(
         self,
@@ -309,7 +335,7 @@ class MemoryPlanner:
             atom.units.append((key, streams))
         return list(atoms.values())
 
-    def _plan(self, atoms: list[_Atom], chosen: list[Level], predicted: int) -> MemoryPlan:
+    def _plan(self, atoms: list[_Atom], chosen: list[Level], predicted: int, contexts: int) -> MemoryPlan:
         storages: dict[str, LadderStorage | None] = {}
         coarse: dict[str, LadderStorage | None] = {}
         for atom, level in zip(atoms, chosen, strict=True):
@@ -320,4 +346,4 @@ class MemoryPlanner:
                 storages.update({key: storage for key, _ in atom.units})
         counts = {level.name: sum(1 for c in chosen if c is level) for level in self.levels}
         cheapest = max(chosen, key=self.levels.index) if chosen else self.levels[-1]
-        return MemoryPlan(self.budget, storages, coarse, self._storage(cheapest), predicted, counts)
+        return MemoryPlan(self.budget, storages, coarse, self._storage(cheapest), predicted, counts, contexts)

@@ -27,10 +27,11 @@ from .validation import check_int
 if TYPE_CHECKING:
     from .planner import MemoryPlan, MemoryPlanner
 
-__all__ = ["DEFAULT_CONTEXT", "BatchRows", "FlopTable", "Runtime", "UnitObserver", "UnitOutputs"]
+__all__ = ["DEFAULT_CONTEXT", "PREFETCH_UNITS", "BatchRows", "FlopTable", "Runtime", "UnitObserver", "UnitOutputs"]
 
 DEFAULT_CONTEXT = "default"
-_PREFETCH_UNITS = 8  # the most units whose ladders are fetched ahead of use
+#: The most units whose ladders are fetched ahead of use (a memory plan counts them as held).
+PREFETCH_UNITS = 8
 UnitOutputs = tuple[torch.Tensor, ...]
 #: ``observer(context, step, unit_key, how, outputs)`` with ``how`` one of ``"computed"``,
 #: ``"forecast"``, ``"fallback"``; called after a unit is served (for diagnostics and plots).
@@ -161,6 +162,8 @@ class Runtime:
         self._counter: Any = None
         self._excluded = 0.0  # FLOPs of the policy's own work in the step being measured (not model work)
         self._fallbacks: set[str] = set()  # opened units whose forecast was not finite: the caller computes
+        self._stepped: set[tuple[Any, ...]] = set()  # (denoiser, input signature) that completed a step
+        self._unplanned = False  # a unit the plan in force did not see was created
         self._step_forecasts = 0  # units served by the policy in the current step
         self._step_recorded = False  # whether a unit recorded an anchor in the current (non-full) step
         self._draft: _Draft | None = None
@@ -223,6 +226,9 @@ class Runtime:
         self._signature = None
         self._draft = None
         self._mask = None
+        self._fallbacks.clear()
+        self._open.clear()
+        self._passthrough = 0
         self.end_generation()
 
     @torch.compiler.disable
@@ -277,6 +283,9 @@ class Runtime:
             self._start_generation(ctx, left)
         switched = ctx.model is not None and ctx.model != model
         ctx.model = model
+        if switched:  # the other denoiser's ladders are of no further use: free them
+            for key in [k for k in ctx.units if not self._owns(k)]:
+                del ctx.units[key]
         self._plan_memory(ctx, signature)
         ctx.step += 1
         ctx.last_level = level
@@ -290,6 +299,7 @@ class Runtime:
         self._mask = None
         self._served.clear()
         self._open.clear()
+        self._fallbacks.clear()
         self._passthrough = 0
         if self._order_now:
             self._order, self._order_now = self._order_now, []
@@ -345,6 +355,8 @@ class Runtime:
             else:
                 ctx.full_steps += 1
             self.peak_cache_bytes = max(self.peak_cache_bytes, sum(c.nbytes for c in self.contexts.values()))
+            if self.planner is not None and ctx.signature is not None:
+                self._stepped.add((ctx.model, *ctx.signature))
         self.current = None
         self._signature = None
         self._draft = None
@@ -366,27 +378,40 @@ class Runtime:
         ctx.rejected_steps += 1
         ctx.full = True
         self._served.clear()
+        self._fallbacks.clear()
+        self._open.clear()
         self._draft = None
         self._step_forecasts = 0
         self._mask = None
         return True
 
-    def _plan_memory(self, ctx: ContextState, signature: tuple[Any, ...]) -> None:
-        """Put the memory plan for these input shapes in force: made once the first step showed every unit.
+    def _owns(self, key: str) -> bool:
+        """Whether unit ``key`` belongs to the denoiser now running."""
+        if self._prefix:
+            return key.startswith(self._prefix)
+        return not any(prefix and key.startswith(prefix) for *_, prefix in self._models.values())
 
-        Until then (the first step of the first generation with new shapes) each unit's first anchor
-        is held as accurately as the budget still allows (:meth:`_first_storage`), so that the budget
-        holds from the first anchor on.
+    def _plan_memory(self, ctx: ContextState, signature: tuple[Any, ...]) -> None:
+        """Put the memory plan of this denoiser and these input shapes in force, once its first step ran.
+
+        Until then (the first step with new shapes, of each denoiser) each unit's first anchor is held
+        as accurately as the budget still allows (:meth:`_first_storage`), so that the budget holds
+        from the first anchor on. A plan is made again when a unit or a context it did not see
+        appears (their bytes were not counted).
         """
         if self.planner is None:
             return
         key = (ctx.model, *signature)
         plan = self._plans.get(key)
-        if plan is None and ctx.step == 0:  # the first step ran: every unit's shapes are known
+        stale = plan is not None and (self._unplanned or len(self.contexts) > plan.contexts)
+        if (plan is None or stale) and key in self._stepped:  # every unit's shapes are known
             plan = self._plans[key] = self.planner.plan(self.contexts.values(), self.block_layouts)
-        if plan is None or plan is self.plan:
+        self._unplanned = False
+        if plan is self.plan:
             return
-        self.plan = plan
+        self.plan = plan  # None: new shapes, not planned yet
+        if plan is None:
+            return
         for context in self.contexts.values():
             for unit_key in list(context.units):
                 if any(unit_key.startswith(block + ".") for block in plan.coarse):
@@ -429,6 +454,8 @@ class Runtime:
 
     def _start_generation(self, ctx: ContextState, total_steps: int | None) -> None:
         self._run_generation_checks()
+        if not any(c.step > 0 for c in self.contexts.values() if c is not ctx):
+            self.peak_cache_bytes = 0  # no other context is mid-run: a new generation's peak
         ctx.reset()
         ctx.total_steps = total_steps if total_steps is not None else self._announced_steps
         ctx.policy_state = self.policy.new_policy_state()
@@ -565,7 +592,7 @@ class Runtime:
 
     def _prefetch_after(self, ctx: ContextState, position: int, block: int) -> None:
         """Start fetching the ladders of the units served next (in the last step's order), about a block ahead."""
-        for key in self._order[position + 1 : position + 1 + _PREFETCH_UNITS]:
+        for key in self._order[position + 1 : position + 1 + PREFETCH_UNITS]:
             state = ctx.units.get(key)
             if state is None:
                 continue
@@ -598,6 +625,8 @@ class Runtime:
             state = ctx.units[key] = UnitState(
                 key, streams, self.policy.max_order, self.storage_for(key), block=block, kind=kind
             )
+            if self.plan is not None and key not in self.plan.storages and key not in self.plan.coarse:
+                self._unplanned = True  # its bytes are not in the plan: plan again at the next step
         self._order_now.append(key)
         if self.offloading:
             position = self._position.get(key)

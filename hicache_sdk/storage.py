@@ -140,13 +140,6 @@ class StorageFormat:
         scale = torch.where(amax == 0, torch.ones_like(amax), amax / self.largest)
         return EncodedTerm((value.float() / scale).to(self.dtype), scale)
 
-    def encode_into(self, term: EncodedTerm, value: torch.Tensor) -> None:
-        """Overwrite ``term`` (of this format and ``value``'s shape) with ``value``, reusing its memory."""
-        fresh = self.encode(value)
-        term.data.copy_(fresh.data)
-        if term.scale is not None and fresh.scale is not None:
-            term.scale.copy_(fresh.scale)
-
     def decode(self, term: EncodedTerm, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The value held by ``term``, as a new tensor of ``dtype``."""
         return weighted_decode([1.0], [term], [self], dtype)

@@ -746,3 +746,13 @@ def test_bf16_features_come_back_in_bf16() -> None:
     assert ladder.forecast(2, basis("taylor")).dtype == torch.bfloat16
     assert ladder.term(0).dtype == torch.bfloat16
     assert parse_format("fp8").dtype == torch.float8_e4m3fn
+
+
+def test_converting_bf16_ladders_anchored_apart_keeps_bf16() -> None:
+    ladder = DifferenceLadder(2)
+    features = [torch.randn(3, 5, 4).to(torch.bfloat16) for _ in range(3)]
+    ladder.update(features[0], 0)
+    ladder.update(features[1][:1], 2, rows=torch.tensor([0]))  # sample 0 anchored apart
+    back = convert_ladder(convert_ladder(ladder, 2, storage("fp8", CPU)), 2, None)
+    assert back._terms is not None and back._terms.dtype == torch.bfloat16
+    assert back.nbytes == ladder.nbytes

@@ -265,3 +265,15 @@ def test_every_family_is_exact_at_interval_one_or_refused(family: str, units: st
             assert handle.summary().units  # units were served
     for got, want in zip(served, reference, strict=True):
         assert torch.equal(got, want), family
+
+
+def test_policy_settings_are_checked_against_the_model_for_every_granularity() -> None:
+    for units in ("modules", "block"):
+        with pytest.raises(InvalidParameterError, match=r"verify_block"):
+            sdk.compose("speca", verify_block=99, units=units).apply(tiny_flux())
+
+
+@pytest.mark.parametrize("bad", ["range[-:3]", "range[-:-]", "range[1:-]"])
+def test_a_lone_minus_is_not_a_range_bound(bad: str) -> None:
+    with pytest.raises(InvalidParameterError, match=r"units must be one of"):
+        parse_units(bad)

@@ -244,3 +244,58 @@ def test_an_accelerator_run_may_offload_and_pays_only_the_prefetch_window() -> N
     assert {level.name for level in on_cpu.levels} == {
         level.name for level in LEVELS if not level.offload and not level.coarse
     }
+
+
+# -- found in review: each of these failed before its fix ---------------------------------------------
+def test_a_second_denoiser_is_planned_and_the_first_ones_ladders_are_freed() -> None:
+    from tiny_pipelines import wan22_call, wan22_pipeline
+
+    pipe = wan22_pipeline()
+    params = {"interval": 3, "warmup": 1, "max_order": 1}
+    with sdk.compose("taylorseer", **params).apply(pipe) as handle:
+        wan22_call(pipe, steps=12)
+        free = handle.summary().peak_cache_bytes
+    budget = int(free * 0.6)
+    with sdk.compose("taylorseer", **params, memory_budget=budget).apply(pipe) as handle:
+        wan22_call(pipe, steps=12)
+        summary = handle.summary()
+        units = [key for ctx in handle.runtime.contexts.values() for key in ctx.units]
+    assert 0 < summary.peak_cache_bytes <= summary.predicted_bytes <= budget  # was 98304 bytes against 58982
+    assert units and all(key.startswith("transformer_2.") for key in units)  # the high-noise expert's are gone
+
+
+def test_new_shapes_in_a_bare_loop_start_from_a_fresh_plan() -> None:
+    model = tiny_flux()
+    params = {"interval": 3, "warmup": 1, "max_order": 1}
+    with sdk.compose("taylorseer", **params).apply(model) as handle:
+        run_loop(model, flux_inputs(side=8), steps=4)
+        budget = int(handle.runtime.peak_cache_bytes * 0.6)
+    with sdk.compose("taylorseer", **params, memory_budget=budget).apply(model) as handle:
+        run_loop(model, flux_inputs(side=4), steps=4)
+        small = handle.runtime.peak_cache_bytes
+        run_loop(model, flux_inputs(side=8), steps=4)  # a new generation by its noise level, at new shapes
+        summary = handle.summary()  # used to raise: the old plan's formats held the new first anchors
+    assert 0 < small < summary.peak_cache_bytes <= summary.predicted_bytes <= budget
+
+
+def test_the_peak_is_the_current_generations_in_a_bare_loop() -> None:
+    model = tiny_flux()
+    with sdk.compose("taylorseer", interval=3, max_order=1).apply(model) as handle:
+        run_loop(model, flux_inputs(side=8), steps=4)
+        large = handle.summary().peak_cache_bytes
+        run_loop(model, flux_inputs(side=4), steps=4)  # restarted by its noise level, no reset()
+        small = handle.summary().peak_cache_bytes
+    assert 0 < small < large
+
+
+def test_a_device_without_fp8_plans_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hicache_sdk.storage import StorageFormat
+
+    def check_device(self: StorageFormat, device: torch.device) -> None:
+        if self.scaled:
+            raise InvalidParameterError(f"storage format {self.name!r} is not available on {device}")
+
+    monkeypatch.setattr(StorageFormat, "check_device", check_device)
+    planner = MemoryPlanner(10**9, 2, coarse=True, device=torch.device("cpu"))
+    assert [level.name for level in planner.levels] == ["native", "bf16"]
+    assert planner.provisional.format is not None and planner.provisional.format.name == "bf16"
