@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -280,8 +280,11 @@ class MemoryPlanner:
         self,
         contexts: Iterable[ContextState],
         block_layouts: Mapping[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]],
+        include: Callable[[str], bool] | None = None,
     ) -> MemoryPlan:
         """The plan for the units the first step showed (``contexts``), given each block's output layout.
+
+        ``include`` selects the units to plan by key (the running denoiser's; default: all).
 
         Raises:
             InvalidParameterError: no level fits the budget (the message names the smallest budget that does).
@@ -289,7 +292,7 @@ class MemoryPlanner:
         contexts = list(contexts)
         extra = sum(c.nbytes - sum(u.nbytes for u in c.units.values()) for c in contexts)  # the policy's own state
         first_step = sum(c.nbytes for c in contexts)
-        atoms = self._atoms(contexts, block_layouts)
+        atoms = self._atoms(contexts, block_layouts, include)
         copies = max(len(contexts), 1)
         sizes = {level: [self._bytes(atom, level) * copies for atom in atoms] for level in self.levels}
 
@@ -322,10 +325,13 @@ class MemoryPlanner:
         self,
         contexts: list[ContextState],
         block_layouts: Mapping[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]],
+        include: Callable[[str], bool] | None,
     ) -> list[_Atom]:
         units: dict[str, list[tuple[tuple[int, ...], torch.dtype]]] = {}
         for ctx in contexts:
             for key, unit in ctx.units.items():
+                if include is not None and not include(key):
+                    continue
                 units.setdefault(key, [(tuple(shape), dtype) for shape, dtype, _ in unit.layout])
         atoms: dict[str, _Atom] = {}
         for key, streams in units.items():

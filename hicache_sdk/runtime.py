@@ -283,9 +283,10 @@ class Runtime:
             self._start_generation(ctx, left)
         switched = ctx.model is not None and ctx.model != model
         ctx.model = model
-        if switched:  # the other denoiser's ladders are of no further use: free them
-            for key in [k for k in ctx.units if not self._owns(k)]:
-                del ctx.units[key]
+        if switched:  # the other denoiser's ladders are of no further use: free them (their counts stay)
+            for key, unit in ctx.units.items():
+                if not self._owns(key):
+                    unit.restart()
         self._plan_memory(ctx, signature)
         ctx.step += 1
         ctx.last_level = level
@@ -405,7 +406,7 @@ class Runtime:
         plan = self._plans.get(key)
         stale = plan is not None and (self._unplanned or len(self.contexts) > plan.contexts)
         if (plan is None or stale) and key in self._stepped:  # every unit's shapes are known
-            plan = self._plans[key] = self.planner.plan(self.contexts.values(), self.block_layouts)
+            plan = self._plans[key] = self.planner.plan(self.contexts.values(), self.block_layouts, self._owns)
         self._unplanned = False
         if plan is self.plan:
             return
@@ -413,7 +414,7 @@ class Runtime:
         if plan is None:
             return
         for context in self.contexts.values():
-            for unit_key in list(context.units):
+            for unit_key in [k for k in context.units if self._owns(k)]:
                 if any(unit_key.startswith(block + ".") for block in plan.coarse):
                     del context.units[unit_key]  # served within its block's residual from now on
                 else:
