@@ -13,6 +13,7 @@ from .adapter import Adapter
 from .basis import Basis
 from .coexistence import check_no_other_cache, enable_cache_guard
 from .decision import Reducer, local_reduce
+from .distributed import AllReduce, check_divisible_inputs, check_same_configuration, context_parallel_group
 from .errors import AdapterMismatchError, AlreadyAttachedError, InvalidParameterError, did_you_mean
 from .granularity import MODULES, Granularity, parse_units, range_forwards, residual_forward
 from .hooks import StepsProvider, attach_block_forward, attach_step_hook, detach_all, refresh_registry_caches
@@ -121,7 +122,7 @@ class Accelerator:
         policy = self.policy_cls(self.config, self.basis).tag
         return f"{policy} {{{', '.join(memory)}}}" if memory else policy
 
-    def apply(self, target: Any, *, reduce: Reducer = local_reduce) -> CacheHandle:
+    def apply(self, target: Any, *, reduce: Reducer | None = None) -> CacheHandle:
         """Attach to a pipeline (its ``transformer``) or a transformer; return the handle.
 
         Applied to a pipeline, the accelerator also reads the number of steps of each generation
@@ -130,8 +131,10 @@ class Accelerator:
 
         ``reduce`` is the reduction point of the policy's statistics
         (:mod:`hicache_sdk.decision`): it sums a local statistic over every process holding a
-        shard of the tokens, so that all of them take the same decision. The default, for one
-        process, returns the statistic unchanged.
+        shard of the tokens, so that all of them take the same decision. By default: for a model
+        under diffusers' context parallelism, an all-reduce over its group
+        (:class:`~hicache_sdk.distributed.AllReduce`, after checking that every process composed
+        the same accelerator); otherwise the statistic unchanged.
 
         Raises:
             AlreadyAttachedError: the model already has an accelerator (remove it first).
@@ -148,6 +151,11 @@ class Accelerator:
                 )
         policy = self.policy_cls(self.config, self.basis)
         model = denoisers[0][1]
+        if reduce is None:
+            group = context_parallel_group(model)
+            if group is not None:
+                check_same_configuration(self.tag, group)
+            reduce = local_reduce if group is None else AllReduce(group)
         planner = self._planner(policy, denoisers)
         # FLOPs are per unit: the same adapter with other units (or blocks a plan may coarsen) measures anew
         units = f"{self.units.name}, coarse" if planner is not None and planner.coarse else self.units.name
@@ -162,6 +170,10 @@ class Accelerator:
             flops=flops,
             reduce=reduce,
         )
+        if isinstance(reduce, AllReduce):
+            world, rank = reduce.world_size, torch.distributed.get_rank(reduce.group)
+            runtime.input_check = lambda arguments: check_divisible_inputs(model, arguments, world)
+            runtime.shard = lambda whole: whole.chunk(world, dim=1)[rank] if whole.dim() > 1 else whole
         notes: list[str] = []
         adapters: list[Adapter] = []
         steps_of = _scheduler_steps(target, model)

@@ -219,7 +219,16 @@ def is_stock(block: torch.nn.Module, defined_in: str = "diffusers.") -> bool:
     forward = getattr(type(block), "forward", None)
     owner = getattr(forward, "__qualname__", "").split(".")[0]
     module = getattr(forward, "__module__", "") or ""
-    return owner == type(block).__name__ and module.startswith(defined_in) and "forward" not in vars(block)
+    if owner != type(block).__name__ or not module.startswith(defined_in):
+        return False
+    if "forward" not in vars(block):
+        return True
+    # diffusers' hooks (e.g. context parallelism's input splits) wrap the class's forward: still stock
+    refs = getattr(getattr(block, "_diffusers_hook", None), "_fn_refs", None)
+    if not refs:
+        return False
+    innermost = getattr(refs[0], "original_forward", None) or refs[0].forward
+    return getattr(innermost, "__func__", None) is forward
 
 
 def _block_mismatch(family: Family, name: str, block: torch.nn.Module) -> str | None:

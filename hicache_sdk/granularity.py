@@ -225,6 +225,8 @@ def residual_forward(
                 if value is None:
                     continue
                 source = inputs.get(name)
+                if isinstance(source, torch.Tensor):
+                    source = runtime.sharded_like(source, value)
                 if not isinstance(source, torch.Tensor) or source.shape != value.shape:
                     raise AdapterMismatchError(
                         f"{type(block).__name__} output {name!r} of shape {tuple(value.shape)} has no input "
@@ -240,7 +242,7 @@ def residual_forward(
             outputs = _outputs(output)
         else:
             rebuilt = iter(residuals)
-            outputs = [None if name is None else inputs[name] + next(rebuilt) for name in names]
+            outputs = [None if name is None else _plus(runtime, inputs[name], next(rebuilt)) for name in names]
             output = outputs[0] if len(outputs) == 1 else tuple(outputs)
         image = _image_stream(names)
         if image is not None and isinstance(inputs.get(image), torch.Tensor):
@@ -248,6 +250,11 @@ def residual_forward(
         return output
 
     return forward
+
+
+def _plus(runtime: Runtime, source: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``source + residual``, with ``source`` this process's share when ``residual`` is a share."""
+    return runtime.sharded_like(source, residual) + residual
 
 
 @attrs.define

@@ -15,7 +15,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 
-from .errors import AdapterMismatchError
+from .errors import AdapterMismatchError, InvalidParameterError
 from .runtime import Runtime, bind_arguments
 
 __all__ = [
@@ -78,6 +78,15 @@ class _StepHook(ModelHook):
             output = run(*args, **kwargs)
             while self.runtime.end_step(_main_output(output)):  # the policy rejected the draft: run it in full
                 output = run(*args, **kwargs)
+        except AssertionError as error:
+            self.runtime.abort()
+            if self.runtime.input_check is not None and "divisible by mesh size" in str(error):
+                raise InvalidParameterError(
+                    f"context parallelism could not split a sequence among its processes ({error}); the inputs were "
+                    + ", ".join(f"{n} {tuple(v.shape)}" for n, v in _tensors(args, kwargs))
+                    + ": every split sequence (tokens after patching) must be a multiple of the process count"
+                ) from error
+            raise
         except BaseException:
             # an error or an interrupt ends the generation: the next call must start afresh
             self.runtime.abort()
@@ -118,6 +127,8 @@ class _StepHook(ModelHook):
             for name, value in arguments.items()
             if isinstance(value, torch.Tensor)
         )
+        if self.runtime.input_check is not None:
+            self.runtime.input_check(arguments)
         context = self._context()
         latents = arguments.get("hidden_states")
         latents = latents if isinstance(latents, torch.Tensor) else None
@@ -195,6 +206,12 @@ def _main_output(output: Any) -> torch.Tensor | None:
         return output[0]
     sample = getattr(output, "sample", None)
     return sample if isinstance(sample, torch.Tensor) else None
+
+
+def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """The tensor arguments of a call, by name (positional ones by position)."""
+    named = [(f"#{i}", v) for i, v in enumerate(args)] + list(kwargs.items())
+    return [(n, v) for n, v in named if isinstance(v, torch.Tensor)]
 
 
 def _output_kind(output: Any) -> tuple[str, type]:

@@ -173,6 +173,11 @@ class Runtime:
         self.observers: list[UnitObserver] = []
         #: called at the start of every generation of every context (e.g. to refuse another cache)
         self.generation_checks: list[Callable[[], None]] = []
+        #: called with the forward's arguments (by name) before every step (e.g. context-parallel splits)
+        self.input_check: Callable[[dict[str, Any]], None] | None = None
+        #: ``shard(tokens)``: this process's share of a whole sequence, under context parallelism
+        #: (a block whose input the parallelism splits inside it shows its whole input to the SDK)
+        self.shard: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # -- denoisers ---------------------------------------------------------------------------
     def add_model(
@@ -557,6 +562,14 @@ class Runtime:
         finally:
             self._passthrough -= 1
 
+    def sharded_like(self, whole: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """``whole``'s share on this process when it is the whole of a sequence ``shard`` is a share of, else
+        ``whole``."""
+        if self.shard is None or whole.shape == shard.shape:
+            return whole
+        mine = self.shard(whole)
+        return mine if mine.shape == shard.shape else whole
+
     def measured(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()``, with its FLOPs noted as those of unit ``key`` when this step counts FLOPs."""
         if self._counter is None or self.current is None or self._signature is None:
@@ -828,6 +841,7 @@ class Runtime:
         ctx = self.current
         if ctx is None or not self._watches_blocks or self._passthrough:
             return
+        tokens_in = self.sharded_like(tokens_in, tokens_out)
         view = BlockView(index, self.num_blocks, tokens_in, tokens_out, self.observed_blocks)
         if not self.policy.block_work_flops:
             self.policy.on_block(ctx, view)

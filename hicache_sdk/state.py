@@ -155,13 +155,14 @@ class ContextState:
     ``num_blocks`` (blocks of the model, as the adapter binds them),
     ``total_steps`` (or ``None``), ``units`` (key -> :class:`UnitState`), ``policy_state`` (what
     :meth:`Policy.new_policy_state <hicache_sdk.Policy.new_policy_state>` made; the policy's own),
-    ``reduce`` (the reduction point, see :mod:`hicache_sdk.decision`). The counters are the
+    ``reduce`` (the reduction point, see :mod:`hicache_sdk.decision`; ``reducer`` is the function
+    behind it). The counters are the
     runtime's. A policy may call :meth:`fail_open`.
     """
 
     def __init__(self, name: str, reduce: Reducer = local_reduce, num_blocks: int = 0) -> None:
         self.name = name
-        self.reduce = reduce
+        self.reducer = reduce
         self.num_blocks = num_blocks
         self.reset()
 
@@ -186,6 +187,17 @@ class ContextState:
         self.guard_notes: dict[str, int] = {}  # fail-open reasons and how many steps each
         self.guarded_steps = 0
         self.rejected_steps = 0  # steps whose draft the policy rejected and that ran again in full
+        self.reductions = 0  # statistics reduced through ctx.reduce in this generation
+        self.reduced_bytes = 0
+
+    def reduce(self, statistic: torch.Tensor) -> torch.Tensor:
+        """The global value of a local statistic (a sum over every process holding a shard of the tokens).
+
+        Counted: ``reductions`` (calls in this generation) and ``reduced_bytes`` (bytes they carried).
+        """
+        self.reductions += 1
+        self.reduced_bytes += statistic.numel() * statistic.element_size()
+        return self.reducer(statistic)
 
     def fail_open(self, reason: str) -> None:
         """Compute every remaining unit of this step, and say why in the run summary."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import attrs
 
+from .decision import local_reduce
 from .state import ContextState
 
 __all__ = ["RunSummary", "UnitSummary", "summarize"]
@@ -55,6 +56,8 @@ class RunSummary:
         memory_plan: the levels the plan uses, e.g. ``"2 x bf16+fp8, 2 x block bf16+fp8"`` (``None``
             without a plan).
         prefetched, fetched: offloaded ladder reads that a prefetch had started / that waited for a copy.
+        reductions, reduced_bytes: statistics the policy reduced across processes in this
+            generation (every context) and the bytes they carried; 0 in one process.
     """
 
     policy: str
@@ -80,6 +83,8 @@ class RunSummary:
     memory_plan: str | None = None
     prefetched: int = 0
     fetched: int = 0
+    reductions: int = 0
+    reduced_bytes: int = 0
 
     @property
     def flops_speedup(self) -> float:
@@ -118,6 +123,11 @@ class RunSummary:
             lines.append(
                 f"budget   {self.memory_budget / 2**20:.2f} MiB: predicted {predicted}, measured peak "
                 f"{self.peak_cache_bytes / 2**20:.2f} MiB; plan {self.memory_plan or 'not made yet'}"
+            )
+        if self.reductions:
+            lines.append(
+                f"reduce   {self.reductions} all-reduces across processes, {self.reduced_bytes} bytes "
+                f"({self.reductions / max(self.steps, 1):.2f} per step)"
             )
         if self.offloaded_bytes or self.prefetched or self.fetched:
             lines.append(
@@ -196,6 +206,8 @@ def summarize(
         guarded_steps=max((c.guarded_steps for c in contexts), default=0),
         rejected_steps=max((c.rejected_steps for c in contexts), default=0),
         offloaded_bytes=sum(c.offloaded_nbytes for c in contexts),
+        reductions=sum(c.reductions for c in contexts if c.reducer is not local_reduce),
+        reduced_bytes=sum(c.reduced_bytes for c in contexts if c.reducer is not local_reduce),
         prefetched=sum(
             getattr(ladder, "prefetched", 0) for c in contexts for u in c.units.values() for ladder in u.ladders
         ),

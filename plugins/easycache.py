@@ -54,6 +54,7 @@ class RateState:
         self.computed_input: torch.Tensor | None = None
         self.computed_output: torch.Tensor | None = None
         self.rate: torch.Tensor | None = None  # k, on the device
+        self.pending: torch.Tensor | None = None  # k's local sums, reduced with the next decision's
         self.accumulated = 0.0
         self.unusable: str | None = None  # why the criterion cannot be computed for this model
 
@@ -86,9 +87,16 @@ class EasyCache(DynamicPolicy):
         if state.unusable is not None:
             ctx.fail_open(state.unusable)
             return True
-        if state.rate is None or state.previous is None or state.computed_output is None:
+        if (state.rate is None and state.pending is None) or state.previous is None or state.computed_output is None:
             return True
-        sums = ctx.reduce(torch.stack([_distance(x, state.previous), state.computed_output.abs().sum()]))
+        local = torch.stack([_distance(x, state.previous), state.computed_output.abs().sum()])
+        if state.pending is not None:  # one all-reduce per decision: k's sums travel with this step's
+            local = torch.cat([local, state.pending])
+        sums = ctx.reduce(local)
+        if state.pending is not None:
+            state.rate = torch.where(sums[3] > 0, sums[2] / sums[3].clamp_min(TINY), 0.0)
+            state.pending = None
+        assert state.rate is not None
         estimate = float(torch.where(sums[1] > 0, state.rate * sums[0] / sums[1].clamp_min(TINY), torch.inf))  # sync
         if estimate == float("inf"):
             ctx.fail_open("guard: easycache's output reference is zero: step computed")
@@ -109,10 +117,8 @@ class EasyCache(DynamicPolicy):
         elif ctx.full and x is not None and output is not None:
             v = output.detach().float()
             if state.computed_input is not None and state.computed_output is not None:
-                sums = ctx.reduce(
-                    torch.stack([_distance(v, state.computed_output), _distance(x, state.computed_input)])
-                )
-                state.rate = torch.where(sums[1] > 0, sums[0] / sums[1].clamp_min(TINY), 0.0)
+                # k = sum|v - v_prev| / sum|x - x_prev|: reduced at the next decision (see plan_signal)
+                state.pending = torch.stack([_distance(v, state.computed_output), _distance(x, state.computed_input)])
             state.computed_input = x.float()
             state.computed_output = v.clone()
             state.accumulated = 0.0
