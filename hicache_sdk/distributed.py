@@ -16,6 +16,7 @@ the model has one, after checking that every process composed the same accelerat
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import torch
@@ -39,16 +40,21 @@ class AllReduce:
 
     Attributes:
         calls, bytes: all-reduces made and bytes they carried (each process's own count).
+        seconds: wall time spent in them (the call returns when the sum is there: gloo, or a
+            policy that reads the value at once, as the built-ins do).
     """
 
     def __init__(self, group: Any = None) -> None:
         self.group = group
         self.calls = 0
         self.bytes = 0
+        self.seconds = 0.0
 
     def __call__(self, statistic: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         summed = statistic.detach().contiguous().clone()
         torch.distributed.all_reduce(summed, op=torch.distributed.ReduceOp.SUM, group=self.group)
+        self.seconds += time.perf_counter() - start
         self.calls += 1
         self.bytes += summed.numel() * summed.element_size()
         return summed

@@ -105,6 +105,43 @@ def run(model_name: str, runs: list[dict[str, Any]], steps: int) -> list[dict[st
     return results
 
 
+def cfg_loop(policy: dict[str, Any], steps: int, parallel: bool) -> dict[str, Any]:
+    """Classifier-free guidance on the trained digits model: both branches in one process, or one per rank.
+
+    Each rank computes its own branch (rank 0 ``cond``, rank 1 ``uncond``) with its own cache,
+    then the two velocities are exchanged to take the guided step; no cache state is shared.
+    """
+    import hicache_sdk as sdk
+    from hicache_sdk.models import DEFAULT_GUIDANCE, load_digits_model
+    from hicache_sdk.models.digits import pack_images, predict_velocity, sigma_schedule
+
+    digits = load_digits_model()
+    generator = torch.Generator().manual_seed(0)
+    x = pack_images(torch.randn(2, 1, 32, 32, generator=generator))
+    labels = {"cond": torch.tensor([3, 8]), "uncond": torch.full((2,), 10)}
+    mine = ["cond", "uncond"][dist.get_rank()] if parallel else None
+    sigmas = sigma_schedule(steps)
+    params = dict(policy)
+    decisions: list[tuple[str, int, str, str]] = []
+    with sdk.compose(params.pop("policy"), **params).apply(digits.transformer) as handle:
+        handle.reset(num_steps=steps)
+        handle.add_observer(_recorder(decisions))
+        for i in range(steps):
+            s = sigmas[i].expand(2)
+            velocity = {}
+            for name in [mine] if mine else ["cond", "uncond"]:
+                with digits.transformer.cache_context(name):
+                    velocity[name] = predict_velocity(digits, x, labels[name], s)
+            if mine:
+                both: list[Any] = [None, None]
+                dist.all_gather_object(both, velocity[mine])
+                velocity = {"cond": both[0], "uncond": both[1]}
+            guided = velocity["uncond"] + DEFAULT_GUIDANCE * (velocity["cond"] - velocity["uncond"])
+            x = x + (sigmas[i + 1] - sigmas[i]) * guided
+        summary = handle.summary()
+    return {"output": x, "decisions": decisions, "reductions": summary.reductions, "contexts": summary.contexts}
+
+
 def bad_inputs() -> list[dict[str, Any]]:
     """What each process says of three bad setups: configurations that differ by rank, and sequences that do
     not divide among the processes (at the model's input for Flux, inside the model for Wan)."""
@@ -136,7 +173,12 @@ def _rank(rank: int, world: int, model_name: str, runs: list[dict[str, Any]], st
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        mine = bad_inputs() if model_name == "bad" else run(model_name, runs, steps)
+        if model_name == "bad":
+            mine = bad_inputs()
+        elif model_name == "cfg":
+            mine = [cfg_loop(params, steps, parallel=True) for params in runs]
+        else:
+            mine = run(model_name, runs, steps)
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, mine)
         if rank == 0:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from distributed_worker import run
+from distributed_worker import cfg_loop, run
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 TIMEOUT = 300  # seconds for a whole two-process scenario; a hung collective fails the test, not the suite
@@ -61,9 +61,8 @@ def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str
         {"policy": "fora", "interval": 4},
         {"policy": "taylorseer", "interval": 7, "warmup": 3, "max_order": 2},
         {"policy": "taylorseer", "basis": "hermite", "interval": 5, "max_order": 2, "units": "block"},
-        {"policy": "first_block", "threshold": 0.08},
-        {"policy": "first_block", "threshold": 0.12},
-        {"policy": "easycache", "threshold": 0.1},
+        *({"policy": "first_block", "threshold": t} for t in (0.04, 0.08, 0.12, 0.2)),
+        *({"policy": "easycache", "threshold": t} for t in (0.05, 0.2)),
         {"policy": "pab"},
         {"policy": "speca"},
         {"policy": "clusca", "interval": 5},
@@ -109,7 +108,7 @@ def test_a_threshold_between_the_ranks_local_signals_completes_with_one_decision
     digits_runs: Any, tmp_path: Path
 ) -> None:
     runs, (rank0, rank1), _ = digits_runs
-    index = runs.index({"policy": "first_block", "threshold": 0.08})
+    index = runs.index({"policy": "first_block", "threshold": 0.08})  # its local statistics, per process
     mine, theirs = _ratios(rank0[index]["local"]), _ratios(rank1[index]["local"])
     step = next(i for i, (x, y) in enumerate(zip(mine, theirs, strict=False)) if x != y)
     between = (mine[step] + theirs[step]) / 2  # one rank's own signal is under it, the other's over it
@@ -143,3 +142,28 @@ def test_bad_setups_are_clear_errors_on_every_rank(tmp_path: Path) -> None:
         assert wan_split["error"] == "InvalidParameterError"
         assert "could not split a sequence among its processes" in wan_split["message"]
         assert "hidden_states (1, 4, 1, 6, 6)" in wan_split["message"]
+
+
+def test_cfg_branches_on_two_ranks_equal_one_process(tmp_path: Path) -> None:
+    runs = [{"policy": "taylorseer", "interval": 4, "max_order": 2}, {"policy": "first_block", "threshold": 0.1}]
+    rank0, rank1 = _two_ranks(tmp_path, "cfg", runs, 16)
+    for params, a, b in zip(runs, rank0, rank1, strict=True):
+        alone = cfg_loop(params, 16, parallel=False)
+        assert a["contexts"] == ("cond",) and b["contexts"] == ("uncond",)  # one branch, one cache, per rank
+        assert torch.equal(a["output"], b["output"])
+        assert float((a["output"] - alone["output"]).abs().max()) <= TOLERANCE, params
+        split = sorted(a["decisions"] + b["decisions"])
+        assert split == sorted(alone["decisions"]), params  # each branch decided as in one process
+        assert a["reductions"] == b["reductions"] == 0  # no context parallelism: nothing to reduce
+
+
+def test_the_launcher_prints_agreement_and_communication(capsys: pytest.CaptureFixture[str]) -> None:
+    from hicache_sdk.bench.parallel import main
+
+    assert main(["--steps", "6", "--repeats", "1", "--samples", "1", "--methods", "taylorseer", "first_block"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    for method in ("taylorseer", "first_block"):
+        cells = [c.strip() for c in rows[method].strip("|").split("|")]
+        assert cells[1] == "yes" and cells[2] == "yes"  # the same decisions everywhere, those of one process
+        assert float(cells[-1]) <= TOLERANCE
+    assert [c.strip() for c in rows["taylorseer"].split("|")][4] == "0.00"  # no all-reduce for a fixed interval
