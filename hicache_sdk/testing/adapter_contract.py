@@ -24,7 +24,11 @@ The rules:
    context's outputs equal a run of that context alone;
 7. batches: at batch 2, a policy that computes sample 0 and forecasts the others (only for
    adapters with ``provides_batch_split``) gives sample 0 the uncached outputs and sample 1 the
-   outputs of the run that forecasts every sample, to rounding; bfloat16 forecasts stay finite.
+   outputs of the run that forecasts every sample, to rounding; bfloat16 forecasts stay finite;
+8. lighter units: for every ``units=`` the adapter declares in ``granularities`` (``"block"``,
+   ``"range"``, ``"output"``, see :mod:`hicache_sdk.granularity`), computing every step gives the
+   uncached outputs bit for bit and a forecasting policy forecasts; one it does not declare is
+   refused with :class:`~hicache_sdk.AdapterMismatchError` when applied.
 
 Use :func:`check_adapter_contract` for all of them, or mix :class:`AdapterContract` into a pytest
 class that provides ``adapter``, ``case`` and ``other_case`` fixtures.
@@ -45,6 +49,7 @@ from ..adapter import Adapter
 from ..decision import Decision, UnitDecision
 from ..errors import AdapterMismatchError
 from ..flops import flop_counter_mode
+from ..granularity import GRANULARITIES
 from ..policy import Policy
 from ..registry import get_registry
 from ..state import ContextState, UnitState
@@ -58,6 +63,7 @@ __all__ = [
     "check_adapter_contract",
     "check_adapter_exact_at_interval_one",
     "check_adapter_flops",
+    "check_adapter_lighter_units",
     "check_adapter_remove_restores",
     "check_adapter_selected",
     "check_adapter_skips_forecast_modules",
@@ -383,6 +389,35 @@ def check_adapter_batches(adapter: AdapterLike, case: ModelCase) -> None:
     )
 
 
+def check_adapter_lighter_units(adapter: AdapterLike, case: ModelCase) -> None:
+    """Every granularity the adapter declares is exact at interval 1 and forecasts; the others are refused."""
+    cls = _adapter_class(adapter)
+    for units in GRANULARITIES[1:]:
+        model = _model(case)
+        if units not in cls.granularities:
+            try:
+                _attach(cls, _accelerator(cls, "fora", interval=1, units=units), model).remove()
+            except AdapterMismatchError:
+                continue
+            _require(False, f"lighter units: {cls.name} accepted units={units!r}, which it does not declare")
+        reference = _generate(case, model)[None]
+        try:
+            with _attach(cls, _accelerator(cls, "fora", interval=1, units=units), model) as handle:
+                cached = _generate(case, model, handle=handle)[None]
+        except AdapterMismatchError as error:
+            _require(False, f"lighter units: {cls.name} declares units={units!r}, which its model refused: {error}")
+        step = _same(reference, cached)
+        _require(step is None, f"lighter units: {cls.name} with units={units!r} differs from no cache at step {step}")
+        with _attach(cls, _accelerator(cls, "fora", interval=2, units=units), model) as handle:
+            forecast = _generate(case, model, handle=handle)
+            summary = handle.summary()
+        _require(summary.forecast_steps > 0, f"lighter units: {cls.name} with units={units!r} forecast nothing")
+        _require(
+            all(bool(torch.isfinite(t).all()) for t in forecast[None]),
+            f"lighter units: {cls.name} with units={units!r} forecast non-finite outputs",
+        )
+
+
 def check_adapter_contract(adapter: AdapterLike, case: ModelCase, other: ModelCase | None = None) -> None:
     """Every rule of the adapter contract (see the module docstring); ``other`` is a model of another family."""
     check_adapter_selected(adapter, case, other)
@@ -392,6 +427,7 @@ def check_adapter_contract(adapter: AdapterLike, case: ModelCase, other: ModelCa
     check_adapter_remove_restores(adapter, case)
     check_adapter_contexts_isolated(adapter, case)
     check_adapter_batches(adapter, case)
+    check_adapter_lighter_units(adapter, case)
 
 
 class AdapterContract:
@@ -405,6 +441,7 @@ class AdapterContract:
         "remove_restores",
         "contexts_isolated",
         "batches",
+        "lighter_units",
     )
 
     def test_selected(self, adapter: AdapterLike, case: ModelCase, other_case: ModelCase | None) -> None:
@@ -427,3 +464,6 @@ class AdapterContract:
 
     def test_batches(self, adapter: AdapterLike, case: ModelCase) -> None:
         check_adapter_batches(adapter, case)
+
+    def test_lighter_units(self, adapter: AdapterLike, case: ModelCase) -> None:
+        check_adapter_lighter_units(adapter, case)
