@@ -174,6 +174,7 @@ class Accelerator:
             world, rank = reduce.world_size, torch.distributed.get_rank(reduce.group)
             runtime.input_check = lambda arguments: check_divisible_inputs(model, arguments, world)
             runtime.shard = lambda whole: whole.chunk(world, dim=1)[rank] if whole.dim() > 1 else whole
+            runtime.shared_output = True
         notes: list[str] = []
         adapters: list[Adapter] = []
         steps_of = _scheduler_steps(target, model)

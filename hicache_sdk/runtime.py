@@ -175,6 +175,9 @@ class Runtime:
         self.generation_checks: list[Callable[[], None]] = []
         #: called with the forward's arguments (by name) before every step (e.g. context-parallel splits)
         self.input_check: Callable[[dict[str, Any]], None] | None = None
+        #: the model's output is the same on every process sharing its tokens (context parallelism): non-finite
+        #: forecasts are caught there, for all processes at once, instead of unit by unit on each shard
+        self.shared_output = False
         #: ``shard(tokens)``: this process's share of a whole sequence, under context parallelism
         #: (a block whose input the parallelism splits inside it shows its whole input to the SDK)
         self.shard: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -338,6 +341,8 @@ class Runtime:
         calls this again. The rejected draft's work is counted as overhead.
         """
         ctx, sig = self.current, self._signature
+        if ctx is not None and self._output_not_finite(ctx, output):
+            return True
         if ctx is not None:
             accepted = self.policy.end_step(ctx, output) is not False
             if self.planner is not None and self.plan is None:
@@ -368,6 +373,29 @@ class Runtime:
         self._draft = None
         self._mask = None
         return False
+
+    def _output_not_finite(self, ctx: ContextState, output: torch.Tensor | None) -> bool:
+        """Across processes: a forecast step whose (gathered) output is not finite runs again in full.
+
+        Each process then sees the same output, so all of them restart every ladder of the context
+        and recompute the step together; a per-unit fallback would make one process alone run a
+        unit, and with it the collectives inside, and hang the others.
+        """
+        if not (self.check_finite and self.shared_output) or ctx.full or not self._step_forecasts or output is None:
+            return False
+        if _all_finite((output,)):
+            return False
+        for unit in ctx.units.values():
+            unit.restart()
+        note = "forecast output not finite: the step ran again in full and every ladder restarted"
+        ctx.guard_notes[note] = ctx.guard_notes.get(note, 0) + 1
+        ctx.full = True
+        self._served.clear()
+        self._open.clear()
+        self._fallbacks.clear()
+        self._step_forecasts = 0
+        self._draft = None
+        return True
 
     def _redo_step(self, ctx: ContextState) -> bool:
         """Undo a rejected draft and make the step full; ``False`` if it cannot be (anchors were recorded)."""
@@ -670,7 +698,7 @@ class Runtime:
         recomputed = [0]
         paths = tuple(self._counted(p, recomputed) for p in token_paths)
         outputs = self._checked_layout(state, self.policy.forecast(ctx, state, paths))
-        if self.check_finite and not _all_finite(outputs):
+        if self.check_finite and not self.shared_output and not _all_finite(outputs):
             state.counts.fallbacks += 1
             for ladder in state.ladders:  # restart from the fresh output: a non-finite ladder would fail again
                 ladder.reset()

@@ -142,6 +142,37 @@ def cfg_loop(policy: dict[str, Any], steps: int, parallel: bool) -> dict[str, An
     return {"output": x, "decisions": decisions, "reductions": summary.reductions, "contexts": summary.contexts}
 
 
+def non_finite_on_one_rank(steps: int) -> list[dict[str, Any]]:
+    """Rank 1 alone forecasts one attention unit as nan once: every rank must recompute that step together."""
+    from helpers import flux_inputs, run_loop, tiny_flux
+
+    import hicache_sdk as sdk
+    from hicache_sdk.policy import Policy
+
+    model, inputs = tiny_flux(), flux_inputs(batch=1, side=8, text=6)
+    cpu_context_parallel(model, dist.get_world_size())
+    forecast = Policy.forecast
+    poisoned: list[str] = []
+
+    def poison(self: Policy, ctx: Any, unit: Any, token_paths: Any) -> tuple[torch.Tensor, ...]:
+        outputs = forecast(self, ctx, unit, token_paths)
+        if dist.get_rank() == 1 and not poisoned and unit.key.endswith(".attn"):
+            poisoned.append(unit.key)
+            return tuple(torch.full_like(o, float("nan")) for o in outputs)
+        return outputs
+
+    Policy.forecast = poison  # type: ignore[method-assign]
+    decisions: list[tuple[str, int, str, str]] = []
+    try:
+        with sdk.compose("taylorseer", interval=3, max_order=1).apply(model) as handle:
+            handle.add_observer(_recorder(decisions))
+            out = run_loop(model, inputs, steps=steps)
+            summary = handle.summary()
+    finally:
+        Policy.forecast = forecast  # type: ignore[method-assign]
+    return [{"output": out, "decisions": decisions, "notes": summary.notes, "poisoned": poisoned}]
+
+
 def bad_inputs() -> list[dict[str, Any]]:
     """What each process says of three bad setups: configurations that differ by rank, and sequences that do
     not divide among the processes (at the model's input for Flux, inside the model for Wan)."""
@@ -175,6 +206,8 @@ def _rank(rank: int, world: int, model_name: str, runs: list[dict[str, Any]], st
     try:
         if model_name == "bad":
             mine = bad_inputs()
+        elif model_name == "nonfinite":
+            mine = non_finite_on_one_rank(steps)
         elif model_name == "cfg":
             mine = [cfg_loop(params, steps, parallel=True) for params in runs]
         else:

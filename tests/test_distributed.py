@@ -167,3 +167,13 @@ def test_the_launcher_prints_agreement_and_communication(capsys: pytest.CaptureF
         assert cells[1] == "yes" and cells[2] == "yes"  # the same decisions everywhere, those of one process
         assert float(cells[-1]) <= TOLERANCE
     assert [c.strip() for c in rows["taylorseer"].split("|")][4] == "0.00"  # no all-reduce for a fixed interval
+
+
+def test_a_forecast_not_finite_on_one_rank_is_recomputed_by_every_rank(tmp_path: Path) -> None:
+    """Before: the rank alone recomputed the unit, and with it the attention's all-to-all: the job hung."""
+    (a,), (b,) = _two_ranks(tmp_path, "nonfinite", [], 8)
+    assert b["poisoned"] and not a["poisoned"]
+    assert torch.isfinite(a["output"]).all() and torch.equal(a["output"], b["output"])
+    assert a["decisions"] == b["decisions"]
+    for said in (a, b):
+        assert any("forecast output not finite: the step ran again in full" in note for note in said["notes"])
