@@ -151,10 +151,10 @@ class Accelerator:
                 )
         policy = self.policy_cls(self.config, self.basis)
         model = denoisers[0][1]
+        group = context_parallel_group(model)
+        if group is not None:
+            check_same_configuration(self.tag, group)
         if reduce is None:
-            group = context_parallel_group(model)
-            if group is not None:
-                check_same_configuration(self.tag, group)
             reduce = local_reduce if group is None else AllReduce(group)
         planner = self._planner(policy, denoisers)
         # FLOPs are per unit: the same adapter with other units (or blocks a plan may coarsen) measures anew
@@ -170,8 +170,8 @@ class Accelerator:
             flops=flops,
             reduce=reduce,
         )
-        if isinstance(reduce, AllReduce):
-            world, rank = reduce.world_size, torch.distributed.get_rank(reduce.group)
+        if group is not None:  # each process holds a shard of the tokens
+            world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
             runtime.input_check = lambda arguments: check_divisible_inputs(model, arguments, world)
             runtime.shard = lambda whole: whole.chunk(world, dim=1)[rank] if whole.dim() > 1 else whole
             runtime.shared_output = True

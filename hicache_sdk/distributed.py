@@ -66,11 +66,21 @@ class AllReduce:
 
 
 def context_parallel_group(model: torch.nn.Module) -> Any:
-    """The process group of ``model``'s context parallelism (diffusers' ``enable_parallelism``), or ``None``."""
+    """The process group of ``model``'s context parallelism (diffusers' ``enable_parallelism``), or ``None``.
+
+    Raises:
+        InvalidParameterError: the parallelism splits sequences unevenly (``ulysses_anything`` or
+            ``ring_anything``), which the SDK does not follow.
+    """
     config = getattr(model, "_parallel_config", None)
     cp = getattr(config, "context_parallel_config", None)
     if cp is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return None
+    if getattr(cp, "ulysses_anything", False) or getattr(cp, "ring_anything", False):
+        raise InvalidParameterError(
+            "context parallelism with ulysses_anything or ring_anything splits sequences into unequal shards, "
+            "which the SDK does not follow; use sequence lengths that divide among the processes instead"
+        )
     mesh = getattr(cp, "_flattened_mesh", None) or getattr(cp, "_mesh", None)
     return None if mesh is None else mesh.get_group()
 
@@ -99,24 +109,29 @@ def check_divisible_inputs(model: torch.nn.Module, arguments: dict[str, Any], wo
     for name, spec in (plan.get("", {}) or {}).items():
         value = arguments.get(name) if isinstance(name, str) else None
         dim = getattr(spec, "split_dim", None)
-        if isinstance(value, torch.Tensor) and dim is not None and value.dim() > dim and value.shape[dim] % world:
+        expected = getattr(spec, "expected_dims", None)
+        if not isinstance(value, torch.Tensor) or dim is None or (expected is not None and value.dim() != expected):
+            continue  # diffusers does not split it either
+        if value.dim() > dim and value.shape[dim] % world:
             raise InvalidParameterError(
                 f"context parallelism over {world} processes splits {name!r} along dimension {dim}, of size "
                 f"{value.shape[dim]} here ({tuple(value.shape)}): it must be a multiple of {world}"
             )
 
 
-def enable_context_parallel(model: torch.nn.Module, *, ulysses_degree: int = 1, ring_degree: int = 1) -> None:
+def enable_context_parallel(
+    model: torch.nn.Module, *, ulysses_degree: int = 1, ring_degree: int = 1, **options: Any
+) -> None:
     """``model.enable_parallelism`` with a ``ContextParallelConfig``, also on a CPU-only torch.
 
     diffusers picks each process's device as ``rank % torch.accelerator.device_count()``, which
     divides by zero without an accelerator. On such a machine this makes that count 1 while
     parallelism is enabled, and changes nothing else: the attention all-to-alls then run on gloo.
-    With an accelerator it is ``enable_parallelism`` itself.
+    With an accelerator it is ``enable_parallelism`` itself. ``options`` go to ``ContextParallelConfig``.
     """
     from diffusers import ContextParallelConfig
 
-    config = ContextParallelConfig(ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+    config = ContextParallelConfig(ulysses_degree=ulysses_degree, ring_degree=ring_degree, **options)
     enable: Any = model.enable_parallelism
     accelerator: Any = torch.accelerator
     if accelerator.device_count() > 0:

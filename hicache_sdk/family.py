@@ -223,9 +223,28 @@ def is_stock(block: torch.nn.Module, defined_in: str = "diffusers.") -> bool:
         return False
     if "forward" not in vars(block):
         return True
-    # diffusers' hooks (e.g. context parallelism's input splits) wrap the class's forward: still stock
-    refs = getattr(getattr(block, "_diffusers_hook", None), "_fn_refs", None)
-    if not refs:
+    return _only_parallel_hooks(block, forward)
+
+
+#: Hooks that split or gather a block's inputs and outputs and leave its computation alone.
+_PARALLEL_HOOKS = ("ContextParallelSplitHook", "ContextParallelGatherHook")
+
+
+def _only_parallel_hooks(block: torch.nn.Module, forward: Any) -> bool:
+    """Whether ``block``'s instance forward is diffusers' hook registry around the class's forward, with only
+    context-parallel split and gather hooks in it (any other hook, or a later patch, changes the block)."""
+    registry = getattr(block, "_diffusers_hook", None)
+    refs = getattr(registry, "_fn_refs", None)
+    hooks = getattr(registry, "hooks", None)
+    if not refs or not hooks:
+        return False
+    if any(
+        type(h).__name__ not in _PARALLEL_HOOKS or type(h).__module__ != "diffusers.hooks.context_parallel"
+        for h in hooks.values()
+    ):
+        return False
+    installed = getattr(vars(block)["forward"], "func", None)  # the registry installs a partial of its wrapper
+    if "HookRegistry.register_hook" not in getattr(installed, "__qualname__", ""):
         return False
     innermost = getattr(refs[0], "original_forward", None) or refs[0].forward
     return getattr(innermost, "__func__", None) is forward

@@ -179,15 +179,18 @@ def bad_inputs() -> list[dict[str, Any]]:
     from helpers import flux_inputs, tiny_flux, tiny_wan, wan_inputs
 
     import hicache_sdk as sdk
+    from hicache_sdk.distributed import enable_context_parallel
 
     said = []
-    flux, wan = tiny_flux(), tiny_wan()
+    flux, wan, uneven = tiny_flux(), tiny_wan(), tiny_flux()
     cpu_context_parallel(flux, dist.get_world_size())
     cpu_context_parallel(wan, dist.get_world_size())
+    enable_context_parallel(uneven, ulysses_degree=dist.get_world_size(), ulysses_anything=True)
     attempts = [
         (flux, {"interval": 3 + dist.get_rank()}, flux_inputs(side=4)),
         (flux, {"interval": 3}, flux_inputs(side=3)),
         (wan, {"interval": 3}, {**wan_inputs(), "hidden_states": torch.randn(1, 4, 1, 6, 6)}),
+        (uneven, {"interval": 3}, flux_inputs(side=3)),
     ]
     for model, params, inputs in attempts:
         try:

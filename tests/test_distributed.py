@@ -132,7 +132,7 @@ def test_tiny_models_under_context_parallelism(model: str, tmp_path: Path) -> No
 def test_bad_setups_are_clear_errors_on_every_rank(tmp_path: Path) -> None:
     ranks = _two_ranks(tmp_path, "bad", [], 0)
     for said in ranks:
-        differ, flux_split, wan_split = said
+        differ, flux_split, wan_split, uneven = said
         assert differ["error"] == "InvalidParameterError"
         assert 'rank 0 has "taylorseer[taylor](interval=3' in differ["message"]
         assert 'rank 1 has "taylorseer[taylor](interval=4' in differ["message"]
@@ -142,6 +142,19 @@ def test_bad_setups_are_clear_errors_on_every_rank(tmp_path: Path) -> None:
         assert wan_split["error"] == "InvalidParameterError"
         assert "could not split a sequence among its processes" in wan_split["message"]
         assert "hidden_states (1, 4, 1, 6, 6)" in wan_split["message"]
+        assert uneven["error"] == "InvalidParameterError" and "ulysses_anything" in uneven["message"]
+
+
+def test_inputs_diffusers_leaves_whole_are_not_checked() -> None:
+    from helpers import tiny_flux
+
+    from hicache_sdk.distributed import check_divisible_inputs
+    from hicache_sdk.errors import InvalidParameterError
+
+    model = tiny_flux()
+    check_divisible_inputs(model, {"img_ids": torch.zeros(1, 9, 3)}, 2)  # 3-D ids: diffusers does not split them
+    with pytest.raises(InvalidParameterError, match=r"splits 'img_ids' along dimension 0, of size 9"):
+        check_divisible_inputs(model, {"img_ids": torch.zeros(9, 3)}, 2)
 
 
 def test_cfg_branches_on_two_ranks_equal_one_process(tmp_path: Path) -> None:

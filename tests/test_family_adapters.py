@@ -183,3 +183,22 @@ def test_controlnet_residuals_between_blocks_are_served_as_usual() -> None:
     with sdk.compose("taylorseer", interval=2, warmup=1).apply(model) as handle:
         outputs = run()
     assert handle.summary().forecast_steps == 3 and all(torch.isfinite(o).all() for o in outputs)
+
+
+def test_a_block_with_another_diffusers_hook_is_not_stock() -> None:
+    """Layer skipping (skip-layer guidance) is a diffusers hook that changes a block: the family adapter, whose
+    re-expressed single-stream forward never calls the block's own, must leave it to the generic adapter."""
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+
+    from hicache_sdk.family import is_stock
+
+    case = FAMILY_CASES["hunyuanvideo"]
+    model = case.build()
+    apply_layer_skip(model, LayerSkipConfig(indices=[0], fqn="single_transformer_blocks"))
+    assert not is_stock(model.single_transformer_blocks[0])
+    inputs = case.inputs(1, 1.0, 0)
+    with torch.no_grad():
+        skipped = case.output(model(**inputs))
+        with sdk.compose("fora", interval=1).apply(model) as handle:
+            served = case.output(model(**inputs))
+    assert handle.adapter.name == "generic" and torch.equal(served, skipped)
