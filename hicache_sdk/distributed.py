@@ -16,6 +16,7 @@ the model has one, after checking that every process composed the same accelerat
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "check_same_configuration",
     "context_parallel_group",
     "enable_context_parallel",
+    "free_port",
 ]
 
 
@@ -63,6 +65,13 @@ class AllReduce:
     def world_size(self) -> int:
         """Processes in the group."""
         return int(torch.distributed.get_world_size(self.group))
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a single-machine process group (``MASTER_PORT``)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def context_parallel_group(model: torch.nn.Module) -> Any:

@@ -103,7 +103,7 @@ class RunSummary:
             f"FLOPs    {self.flops_saved_fraction:.1%} saved, {self.flops_speedup:.2f}x",
             f"cache    {self.cache_bytes / 2**20:.2f} MiB (peak {self.peak_cache_bytes / 2**20:.2f} MiB), "
             f"units {self.granularity}, storage {self.storage}",
-            *self._memory_lines(),
+            *self._detail_lines(),
             f"fallbacks {self.fallbacks}",
             f"guarded  {self.guarded_steps} steps, rejected {self.rejected_steps} drafts",
             *[f"note     {n}" for n in self.notes],
@@ -116,7 +116,7 @@ class RunSummary:
         ]
         return "\n".join([*head, "", *rows])
 
-    def _memory_lines(self) -> list[str]:
+    def _detail_lines(self) -> list[str]:
         lines = []
         if self.memory_budget is not None:
             predicted = "-" if self.predicted_bytes is None else f"{self.predicted_bytes / 2**20:.2f} MiB"

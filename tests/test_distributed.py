@@ -7,7 +7,6 @@ compares what both ranks did with a one-process run of the same model and policy
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 import pytest
 import torch
 from distributed_worker import cfg_loop, run
+
+from hicache_sdk.distributed import free_port
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 TIMEOUT = 300  # seconds for a whole two-process scenario; a hung collective fails the test, not the suite
@@ -27,17 +28,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _two_ranks(tmp_path: Path, model: str, runs: list[dict[str, Any]], steps: int) -> list[list[dict[str, Any]]]:
     out = tmp_path / f"{model}.pt"
     spec = json.dumps({"model": model, "runs": runs, "steps": steps})
     done = subprocess.run(
-        [sys.executable, str(WORKER), spec, str(out), str(_free_port())],
+        [sys.executable, str(WORKER), spec, str(out), str(free_port())],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

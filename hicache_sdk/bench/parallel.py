@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import free_port
 from ..models import load_digits_model, sample
 from .methods import PAPER_SETTING, parse_method
 
@@ -101,12 +101,6 @@ def _rank(rank: int, nproc: int, port: int, args: argparse.Namespace, out: str) 
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the processes, then the one-process references; one row per method."""
     import tempfile
@@ -115,7 +109,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "ranks.pt")
-        mp.spawn(_rank, args=(args.nproc, _free_port(), args, out), nprocs=args.nproc)
+        mp.spawn(_rank, args=(args.nproc, free_port(), args, out), nprocs=args.nproc)
         ranks = torch.load(out, weights_only=False)
     _MODEL["digits"] = load_digits_model()
     digits, seeds = list(range(args.samples)), [0] * args.samples
