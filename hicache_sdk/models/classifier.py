@@ -14,19 +14,21 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .digits import WeightsError, default_weights_path, read_weights
+from .digits import default_weights_path, read_weights
+from .formats import DIGITS_CLASSIFIER, FRAME_CLASSIFIER, WeightsError, describe_format, weights_format
 
 __all__ = [
     "FEATURE_DIM",
     "DigitClassifier",
     "build_digit_classifier",
     "load_digit_classifier",
+    "load_frame_classifier",
     "save_digit_classifier",
 ]
 
 FEATURE_DIM = 64
 CLASSIFIER_WEIGHTS = "weights/digits_classifier.safetensors"
-_FORMAT = "hicache-digits-classifier/1"
+FRAME_CLASSIFIER_WEIGHTS = "weights/video_frame_classifier.safetensors"
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -79,11 +81,14 @@ def build_digit_classifier(seed: int = 0) -> DigitClassifier:
         return DigitClassifier()
 
 
-def save_digit_classifier(model: DigitClassifier, path: str | PathLike[str]) -> None:
-    """Write the classifier's weights (fp32, incl. batch-norm statistics) to safetensors."""
+def save_digit_classifier(model: DigitClassifier, path: str | PathLike[str], *, frames: bool = False) -> None:
+    """Write the classifier's weights (fp32, incl. batch-norm statistics) to safetensors.
+
+    ``frames=True`` tags the file as the video-frame classifier (:func:`load_frame_classifier`).
+    """
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    save_file(state, str(path), metadata={"format": _FORMAT})
+    save_file(state, str(path), metadata={"format": FRAME_CLASSIFIER if frames else DIGITS_CLASSIFIER})
 
 
 def load_digit_classifier(
@@ -92,12 +97,31 @@ def load_digit_classifier(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> DigitClassifier:
-    """Load the classifier (shipped weights unless ``path`` is given), in eval mode, no grads."""
+    """Load the digit classifier (shipped weights unless ``path`` is given), in eval mode, no grads."""
     file = Path(path) if path is not None else default_weights_path(CLASSIFIER_WEIGHTS)
+    return _load(file, DIGITS_CLASSIFIER, device, dtype)
+
+
+def load_frame_classifier(
+    path: str | PathLike[str] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> DigitClassifier:
+    """Load the classifier of the video model's frames (moving, turned, zoomed digits on a 32x32 canvas).
+
+    Same network as the digit classifier, trained on frames of :mod:`.motion` clips; shipped weights
+    unless ``path`` is given.
+    """
+    file = Path(path) if path is not None else default_weights_path(FRAME_CLASSIFIER_WEIGHTS)
+    return _load(file, FRAME_CLASSIFIER, device, dtype)
+
+
+def _load(file: Path, tag: str, device: torch.device | str, dtype: torch.dtype) -> DigitClassifier:
+    held, _ = weights_format(file)
+    if held != tag:
+        raise WeightsError(f"weights file {file} is not {describe_format(tag)}: it holds {describe_format(held)}")
     model = DigitClassifier()
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    tensors, metadata = read_weights(file, expected)
-    if metadata.get("format") != _FORMAT:
-        raise WeightsError(f"weights file {file} is not a digit-classifier file (format {metadata.get('format')!r})")
+    tensors, _ = read_weights(file, {k: v.shape for k, v in model.state_dict().items()})
     model.load_state_dict(tensors, strict=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

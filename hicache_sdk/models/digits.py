@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from os import PathLike
@@ -28,6 +28,7 @@ from torch import nn
 
 from ..accelerator import handle_of
 from ..errors import HicacheError, InvalidParameterError
+from .formats import DIGITS_DIT, WeightsError, read_tagged_config, save_tagged, weights_format
 
 __all__ = [
     "DEFAULT_GUIDANCE",
@@ -40,7 +41,10 @@ __all__ = [
     "SaturatedOutputError",
     "WeightsError",
     "build_digits_model",
+    "check_generation_args",
+    "check_output",
     "default_weights_path",
+    "euler_cfg",
     "image_ids",
     "initial_noise",
     "load_digits_model",
@@ -49,9 +53,11 @@ __all__ = [
     "read_weights",
     "sample",
     "save_digits_model",
+    "seeded_noise",
     "sigma_schedule",
     "text_ids",
     "unpack_tokens",
+    "weights_format",
 ]
 
 NUM_DIGITS = 10
@@ -64,13 +70,9 @@ DEFAULT_SHIFT = 1.0
 """Flux time shift of the sampling sigmas; 1.0 keeps them linear."""
 WEIGHTS_PACKAGE = "hicache_sdk.models"
 DIT_WEIGHTS = "weights/digits_flux.safetensors"
-_FORMAT = "hicache-digits-flux/1"
+_FORMAT = DIGITS_DIT
 # The file's only metadata entry is {_FORMAT: config JSON}: safetensors writes metadata in
 # hash order, so a single entry keeps the bytes of a re-trained file identical.
-
-
-class WeightsError(HicacheError, RuntimeError):
-    """A weights file is missing, unreadable or does not match the model it should fill."""
 
 
 class SaturatedOutputError(HicacheError, RuntimeError):
@@ -253,6 +255,13 @@ def _check_sample_args(
 ) -> None:
     if not isinstance(model, DigitsModel):
         raise InvalidParameterError(f"model must be a DigitsModel, got {type(model).__name__}")
+    check_generation_args(digits, seeds, steps, guidance, shift)
+
+
+def check_generation_args(
+    digits: Sequence[int], seeds: Sequence[int], steps: int, guidance: float, shift: float
+) -> None:
+    """Refuse sampler arguments that cannot run (:class:`InvalidParameterError`); shared by the embedded models."""
     if not _is_int_in(steps, 1, 2**31):
         raise InvalidParameterError(f"steps must be an integer >= 1, got {steps!r}")
     if len(digits) == 0:
@@ -271,20 +280,25 @@ def _check_sample_args(
         raise InvalidParameterError(f"shift must be a finite number > 0, got {shift!r}")
 
 
-def _check_model_placement(model: DigitsModel, device: torch.device, dtype: torch.dtype) -> None:
-    param = next(model.transformer.parameters())
+def _check_model_placement(transformer: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    param = next(transformer.parameters())
     same_device = param.device.type == device.type and (device.index is None or param.device.index == device.index)
     if not same_device or param.dtype != dtype:
         raise InvalidParameterError(
             f"model is on {param.device} / {param.dtype} but sampling was asked on {device} / {dtype}; "
-            "load it with load_digits_model(device=..., dtype=...) or move it with model.to(...)"
+            "load it with device=... and dtype=... (load_digits_model, load_video_model) or move it with model.to(...)"
         )
 
 
 def initial_noise(seeds: Sequence[int], config: DigitsConfig) -> torch.Tensor:
     """Per-sample starting noise ``(n, 1, H, W)`` in fp32 on CPU, sample i from ``seeds[i]``."""
-    shape = (1, 1, config.image_size, config.image_size)
-    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(operator.index(s))) for s in seeds])
+    return seeded_noise(seeds, (1, config.image_size, config.image_size))
+
+
+def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """Standard normal noise ``(n, *shape)`` in fp32 on CPU, sample i drawn from ``seeds[i]`` alone."""
+    size = (1, *shape)
+    return torch.cat([torch.randn(size, generator=torch.Generator().manual_seed(operator.index(s))) for s in seeds])
 
 
 def sample(
@@ -319,9 +333,45 @@ def sample(
     """
     _check_sample_args(model, digits, seeds, steps, guidance, shift)
     device = torch.device(device)
-    _check_model_placement(model, device, dtype)
-    config, n = model.config, len(digits)
+    _check_model_placement(model.transformer, device, dtype)
+    config = model.config
     x = pack_images(initial_noise(seeds, config), config.patch).to(device)  # the state stays fp32
+    x = euler_cfg(
+        lambda inputs, labels, s: predict_velocity(model, inputs, labels, s),
+        model.transformer,
+        x,
+        digits,
+        steps=steps,
+        guidance=guidance,
+        shift=shift,
+        dtype=dtype,
+        progress=progress,
+    )
+    images = (unpack_tokens(x, config.image_size, config.patch) + 1.0) / 2.0
+    check_output(images, digits, seeds)
+    return images.clamp(0.0, 1.0)
+
+
+def euler_cfg(
+    velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    transformer: nn.Module,
+    x: torch.Tensor,
+    digits: Sequence[int],
+    *,
+    steps: int,
+    guidance: float,
+    shift: float,
+    dtype: torch.dtype,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Integrate the flow ODE from ``s = 1`` to ``s = 0`` with classifier-free guidance; returns the final state.
+
+    ``x`` is the fp32 starting noise (batch ``n``, on the sampling device); each step makes ONE call
+    ``velocity(inputs, labels, s)`` on the conditional and null-class batch (``2 * n``, inputs in
+    ``dtype``). An accelerator attached to ``transformer`` is told that a generation of ``steps``
+    steps starts. Shared by the embedded models' samplers.
+    """
+    n, device = len(digits), x.device
     cond = torch.tensor([operator.index(d) for d in digits], dtype=torch.long, device=device)
     labels = torch.cat([cond, torch.full_like(cond, NULL_CLASS)])
     sigmas = sigma_schedule(steps, shift).tolist()
@@ -330,23 +380,21 @@ def sample(
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="sampling", unit="step")
-    handle = handle_of(model.transformer)
+    handle = handle_of(transformer)
     if handle is not None:  # a new generation of `steps` steps (for an always-full tail)
         handle.reset(num_steps=steps)
     with torch.no_grad():
         for i in iterator:
             s_now, s_next = sigmas[i], sigmas[i + 1]
             s = torch.full((2 * n,), s_now, device=device, dtype=dtype)
-            v_cond, v_null = predict_velocity(model, torch.cat([x, x]).to(dtype), labels, s).float().chunk(2)
+            v_cond, v_null = velocity(torch.cat([x, x]).to(dtype), labels, s).float().chunk(2)
             v = v_null + guidance * (v_cond - v_null)
             x = x + (s_next - s_now) * v
-    images = (unpack_tokens(x, config.image_size, config.patch) + 1.0) / 2.0
-    _check_output(images, digits, seeds)
-    return images.clamp(0.0, 1.0)
+    return x
 
 
-def _check_output(images: torch.Tensor, digits: Sequence[int], seeds: Sequence[int]) -> None:
-    """Raise :class:`SaturatedOutputError` for non-finite or saturated images (see :func:`sample`)."""
+def check_output(images: torch.Tensor, digits: Sequence[int], seeds: Sequence[int]) -> None:
+    """Raise :class:`SaturatedOutputError` for non-finite or saturated samples (see :func:`sample`)."""
     flat = images.flatten(1)
     digits, seeds = [operator.index(d) for d in digits], [operator.index(s) for s in seeds]
     finite = torch.isfinite(flat).all(dim=1)
@@ -412,10 +460,7 @@ def _check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], expected: Ma
 
 def save_digits_model(model: DigitsModel, path: str | PathLike[str]) -> None:
     """Write the model's weights (fp32) and config to a safetensors file."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={_FORMAT: model.config.to_json()})
+    save_tagged(model, path, _FORMAT, model.config.to_json())
 
 
 def load_digits_model(
@@ -436,18 +481,4 @@ def load_digits_model(
 
 
 def _read_config(file: Path) -> DigitsConfig:
-    from safetensors import safe_open
-
-    if not file.is_file():
-        raise WeightsError(f"weights file {file} does not exist")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-    except Exception as exc:
-        raise WeightsError(f"weights file {file} is unreadable: {exc}") from exc
-    if _FORMAT not in metadata:
-        raise WeightsError(f"weights file {file} is not a digits-DiT file (no {_FORMAT!r} metadata entry)")
-    try:
-        return DigitsConfig.from_json(metadata[_FORMAT])
-    except (ValueError, TypeError) as exc:
-        raise WeightsError(f"weights file {file} has an invalid config: {exc}") from exc
+    return read_tagged_config(file, _FORMAT, "digits-DiT", DigitsConfig.from_json)

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,17 @@ def classifier_accuracy(model: DigitClassifier, images: torch.Tensor, labels: to
 # ----------------------------------------------------------------------------- DiT
 
 
-def _lr_factor(step: int, settings: DiTSettings) -> float:
+class Schedule(Protocol):
+    """What the learning-rate schedule reads from a run's settings."""
+
+    @property
+    def warmup(self) -> int: ...
+
+    @property
+    def iterations(self) -> int: ...
+
+
+def _lr_factor(step: int, settings: Schedule) -> float:
     """Linear warm-up then cosine decay to zero."""
     if step < settings.warmup:
         return (step + 1) / settings.warmup
@@ -124,7 +135,7 @@ def flow_matching_loss(
 
 
 @torch.no_grad()
-def _update_ema(ema: DigitsModel, model: DigitsModel, step: int, decay: float) -> None:
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
     rate = min(decay, (1.0 + step) / (10.0 + step))
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p, 1.0 - rate)
