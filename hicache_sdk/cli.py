@@ -19,6 +19,14 @@ __all__ = ["build_parser", "main"]
 PROG = "hicache"
 
 
+_TASK_NAMES = ("digits", "video")
+"""``hicache bench --task`` choices: the names of :data:`hicache_sdk.bench.tasks.TASKS` (a test keeps them equal)."""
+_DIGITS_MODEL_HELP = (
+    "'digits' or a digits-DiT weights file (default: the shipped one; see hicache_sdk.models.train; "
+    "the video model runs in hicache bench only)"
+)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with every usage error reported as ``hicache: error: ...`` (exit status 2), sub-commands too."""
 
@@ -27,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message}\n")
 
 
-def _common(parser: argparse.ArgumentParser, *, out: str, steps: int = 50) -> None:
+def _common(parser: argparse.ArgumentParser, *, out: str, steps: int = 50, model: bool = True) -> None:
     parser.add_argument("--steps", type=int, default=steps, help="denoising steps (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="first sample seed (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default %(default)s)")
@@ -39,9 +47,8 @@ def _common(parser: argparse.ArgumentParser, *, out: str, steps: int = 50) -> No
         help="model dtype (default %(default)s)",
     )
     parser.add_argument("--out", type=Path, default=Path(out), help="output folder (default %(default)s)")
-    parser.add_argument(
-        "--model", type=Path, help="digits-DiT weights file (default: the shipped one; see hicache_sdk.models.train)"
-    )
+    if model:
+        parser.add_argument("--model", help=_DIGITS_MODEL_HELP)
 
 
 def _setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,18 +63,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Feature caching for diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    bench = sub.add_parser("bench", help="speed and fidelity of every method on the embedded model (the main job)")
-    _common(bench, out="hicache-report")
+    bench = sub.add_parser(
+        "bench",
+        help="speed and fidelity of every method on an embedded model, digits or video (the main job)",
+        description="Run every method on an embedded model against full compute and write bench.json, bench.md, "
+        "the samples (samples.png; for the video model the animated samples.gif: rows are methods, columns "
+        "clips) and speed_vs_error.png.",
+    )
+    _common(bench, out="hicache-report", model=False)
+    bench.add_argument(
+        "--model",
+        help="'digits' (default), 'video', or a weights file of either (its task is read from the file; see "
+        "hicache_sdk.models.train and hicache_sdk.models.train_video)",
+    )
+    bench.add_argument(
+        "--task",
+        choices=_TASK_NAMES,
+        help="the model the bench must run; a --model file of the other model is refused (default: --model's)",
+    )
+    bench.add_argument(
+        "--frames", type=int, help="clip length: must be the video model's (8 for the shipped one); checked only"
+    )
+    bench.add_argument(
+        "--size",
+        type=int,
+        help="image or frame side in pixels: must be the model's (32 for both shipped); checked only",
+    )
     bench.add_argument(
         "--methods",
         nargs="+",
         metavar="METHOD",
         help="'full' or policy[+basis][:key=value,...] (default: full, fora, taylorseer, taylorseer+hermite, "
-        "clusca, clusca+hermite, taylorseer+newton)",
+        "clusca, clusca+hermite, taylorseer+newton, first_block, easycache, speca, speca+hermite, pab)",
     )
     _setting_flags(bench)
     bench.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (default %(default)s)")
-    bench.add_argument("--seeds-per-digit", type=int, default=2, help="samples per digit (default %(default)s)")
+    bench.add_argument("--seeds-per-digit", type=int, help="samples per digit (default 2 for digits, 1 clip for video)")
     bench.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to draw (default 0-9)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -162,9 +193,7 @@ def _frontier_parser(sub: Any) -> None:
     frontier.add_argument(
         "--out", type=Path, default=Path("hicache-frontier"), help="output folder (default %(default)s)"
     )
-    frontier.add_argument(
-        "--model", type=Path, help="digits-DiT weights file (default: the shipped one; see hicache_sdk.models.train)"
-    )
+    frontier.add_argument("--model", help=_DIGITS_MODEL_HELP)
     frontier.add_argument("--repeats", type=int, help="interleaved timing repeats (default 3; 2 with --quick)")
     frontier.add_argument("--seeds-per-digit", type=int, help="samples per digit (default 1; 1 with --quick)")
     frontier.add_argument("--digits", type=int, nargs="+", help="digits to draw (default 0-9; 3 8 with --quick)")
@@ -211,6 +240,8 @@ _INT_OPTIONS: dict[str, tuple[int, int | None]] = {
     "seeds_per_digit": (1, None),
     "samples": (1, None),
     "compile_steps": (1, 2**31 - 1),
+    "frames": (1, None),
+    "size": (1, None),
     "interval": (1, None),
     "warmup": (0, None),
     "max_order": (0, MAX_SUPPORTED_ORDER),
@@ -229,6 +260,10 @@ def _seed_span(args: argparse.Namespace) -> int:
     """How many consecutive seeds from ``--seed`` the command uses."""
     if args.command == "compare":  # MagCache calibration draws seed + 1000 + i, one per digit
         return max(args.seeds_per_digit, 1000 + len(args.digits))
+    if args.command == "bench" and args.seeds_per_digit is None:  # the task's default
+        from .bench.tasks import TASKS
+
+        return max(task.seeds_per_digit for task in TASKS.values())
     return int(getattr(args, "seeds_per_digit", None) or getattr(args, "samples", None) or 1)
 
 
@@ -310,11 +345,30 @@ def _settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, A
 
 
 def _load_model(args: argparse.Namespace) -> Any:
+    """The digits model of ``--model`` (``compare``, ``frontier``, ``run``, ``trajectory``: digits only)."""
     import torch
 
+    from .bench.tasks import resolve_model
     from .models import load_digits_model
 
-    return load_digits_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.model is not None and str(args.model) == "video":
+        raise InvalidParameterError(
+            f"hicache {args.command} runs on the digits model only; the video model runs in hicache bench --model video"
+        )
+    _, path = resolve_model(args.model, "digits")
+    return load_digits_model(path, device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def _load_bench_model(args: argparse.Namespace) -> tuple[Any, str]:
+    """``hicache bench``'s model and task name from ``--model`` / ``--task``, its clip shape checked."""
+    import torch
+
+    from .bench.tasks import resolve_model
+
+    task, path = resolve_model(args.model, args.task)
+    model = task.load_model(path, device=args.device, dtype=getattr(torch, args.dtype))
+    task.check_shape(model, args.frames, args.size)
+    return model, task.name
 
 
 def _bench_settings(args: argparse.Namespace, **fields: Any) -> Any:
@@ -340,12 +394,17 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.methods import DEFAULT_METHODS, PAPER_SETTING, parse_methods
+    from .bench.methods import BENCH_METHODS, PAPER_SETTING, parse_methods
     from .bench.report import check_writable, markdown_table, wall_check, write_report
-    from .bench.runner import run_bench
+    from .bench.runner import check_settings, run_bench
+    from .bench.tasks import get_task
 
-    specs = parse_methods(args.methods or DEFAULT_METHODS)
-    settings = _bench_settings(args, methods=tuple(specs), shared=_settings(args, dict(PAPER_SETTING)))
+    specs = parse_methods(args.methods or BENCH_METHODS)
+    model, task = _load_bench_model(args)
+    if args.seeds_per_digit is None:
+        args.seeds_per_digit = get_task(task).seeds_per_digit
+    settings = _bench_settings(args, methods=tuple(specs), shared=_settings(args, dict(PAPER_SETTING)), task=task)
+    check_settings(settings)
     check_writable(args.out)
     runs = settings.repeats * (len(specs) + (0 if any(s.is_full for s in specs) else 1))
     with _progress_bar(runs, not args.no_progress) as bar:
@@ -357,10 +416,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             started[0] += 1
             bar.set_description(label)
 
-        report = run_bench(settings, model=_load_model(args), progress=step)
+        report = run_bench(settings, model=model, progress=step)
         bar.update()
     files = write_report(report, args.out)
-    print(f"{report.machine}; {settings.steps} steps; shared setting {dict(settings.shared)}")
+    print(f"{report.machine}; {task} model; {settings.steps} steps; shared setting {dict(settings.shared)}")
     print(f"{settings.repeats} interleaved repeats; repeats bit-identical: {report.deterministic}")
     print(markdown_table(report.results))
     print(wall_check(report.results)[1])
@@ -400,8 +459,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     too_long = [t.name for t in chosen if t.interval > settings.steps]
     if too_long:
         raise InvalidParameterError(f"targets {too_long} need more than the {settings.steps} steps")
+    model = _load_model(args)  # a bad --model fails before the output folder is made
     check_writable(args.out)
-    model = _load_model(args)
     ratios = calibrate(model, settings) if args.baselines == "all" else []
     rows = default_rows(
         model,
@@ -472,6 +531,7 @@ def _cmd_frontier(args: argparse.Namespace) -> int:
     )
     if "diffusers-magcache" in baselines:  # its calibration draws seeds seed + 1000 + i, one per digit
         check_int("--seed", args.seed, minimum=0, maximum=2**63 - 1000 - len(settings.digits))
+    model = _load_model(args)  # a bad --model fails before the output folder is made
     check_writable(args.out)
     for note in notes:
         print(note)
@@ -481,7 +541,6 @@ def _cmd_frontier(args: argparse.Namespace) -> int:
         f"frontier: {points} points (full compute included) x {settings.repeats + 1} generations "
         f"({settings.steps} steps, {len(digits)} samples)"
     )
-    model = _load_model(args)
     total = points * (settings.repeats + 1) + int("diffusers-magcache" in baselines)
     with _progress_bar(total, not args.no_progress) as bar:
 
@@ -506,8 +565,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     params = _settings(args, {})
     params.update(parse_params(args.param))
     accelerator = compose(args.policy, basis=args.basis, **params)
+    model = _load_model(args)  # a bad --model fails before the output folder is made
     check_writable(args.out)
-    model = _load_model(args)
     digits = [d for d in args.digit for _ in range(args.samples)]
     seeds = [args.seed + j for _ in args.digit for j in range(args.samples)]
     with accelerator.apply(model.transformer) as handle:
@@ -554,8 +613,8 @@ def _cmd_trajectory(args: argparse.Namespace) -> int:
     from .bench.report import check_writable
     from .bench.trajectory import record_unit, save_trajectory_plot
 
+    model = _load_model(args)  # a bad --model fails before the output folder is made
     check_writable(args.out)
-    model = _load_model(args)
     setting = _settings(args, dict(PAPER_SETTING))
     schedule = {k: v for k, v in setting.items() if k != "sigma"}
     common = {"unit": args.unit, "digit": args.digit, "seed": args.seed, "steps": args.steps}

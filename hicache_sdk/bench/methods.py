@@ -12,7 +12,17 @@ from ..accelerator import Accelerator, compose
 from ..errors import InvalidParameterError, did_you_mean
 from ..registry import get_registry
 
-__all__ = ["DEFAULT_METHODS", "FULL", "PAPER_SETTING", "MethodSpec", "parse_method", "parse_methods", "parse_params"]
+__all__ = [
+    "BENCH_METHODS",
+    "DEFAULT_METHODS",
+    "DYNAMIC_METHODS",
+    "FULL",
+    "PAPER_SETTING",
+    "MethodSpec",
+    "parse_method",
+    "parse_methods",
+    "parse_params",
+]
 
 FULL = "full"
 #: The comparison setting of the HiCache paper: N = 7, W = 3, m = 2, sigma = 0.5 (5.56x on 50 steps).
@@ -26,6 +36,11 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "clusca+hermite",
     "taylorseer+newton",
 )
+"""The rows on a step schedule: full compute and the paper's methods (with the exact ``newton`` basis)."""
+DYNAMIC_METHODS: tuple[str, ...] = ("first_block", "easycache", "speca", "speca+hermite", "pab")
+"""The rows that decide from what they observe, at their own thresholds (W and m from the shared setting)."""
+BENCH_METHODS: tuple[str, ...] = DEFAULT_METHODS + DYNAMIC_METHODS
+"""``hicache bench``'s rows, the same for every task so that the models can be read side by side."""
 
 
 @attrs.frozen

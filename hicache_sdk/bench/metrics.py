@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["frechet_distance", "psnr", "relative_l2", "ssim"]
+__all__ = ["frechet_distance", "psnr", "relative_l2", "ssim", "temporal_error"]
 
 
 def relative_l2(sample: torch.Tensor, reference: torch.Tensor) -> float:
@@ -86,3 +86,26 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
     trace_cross = float(np.sqrt(np.clip(cross, 0.0, None)).sum())
     return float(mu @ mu + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_cross)
+
+
+def temporal_error(sample: torch.Tensor, reference: torch.Tensor) -> float:
+    """Temporal-consistency error of clips ``(N, C, F, H, W)``: ``||dS - dR|| / ||dR||``.
+
+    ``dS`` and ``dR`` are the frame differences ``x[:, :, t + 1] - x[:, :, t]`` of the sample and
+    of the reference, over the whole batch: 0 when the sample moves exactly as the reference
+    does (even if both are offset by the same still error), larger as its motion flickers or
+    lags. ``inf`` when the reference does not move at all but the sample does; ``nan`` for clips
+    of fewer than two frames.
+    """
+    if sample.ndim != 5 or sample.shape != reference.shape:
+        raise ValueError(
+            f"expected two clips of shape (N, C, F, H, W), got {tuple(sample.shape)} and {tuple(reference.shape)}"
+        )
+    if sample.shape[2] < 2:
+        return math.nan
+    ds = sample.double().diff(dim=2)
+    dr = reference.double().diff(dim=2)
+    num, den = float((ds - dr).norm()), float(dr.norm())
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den

@@ -1,4 +1,4 @@
-"""Writing a bench report: JSON, Markdown, an image grid and a speed-versus-error plot.
+"""Writing a bench report: JSON, Markdown, an image grid (an animated GIF for clips) and a speed-versus-error plot.
 
 Everything is written to a temporary folder beside the target and moved into place only when
 complete, so a failure never leaves a half-written report.
@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,17 +31,22 @@ import attrs
 
 from ..errors import InvalidParameterError
 from .runner import BenchReport, MethodResult, format_number, result_rows
+from .tasks import get_task
 from .wall import WALL_SPREAD_TOLERANCE, format_flags, format_range, format_spread, wall_verdict
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from PIL import Image
 
 __all__ = [
     "REPORT_FILES",
     "check_writable",
+    "clip_grid_frames",
     "grid_columns",
     "markdown_table",
+    "report_files",
     "sample_grid",
+    "save_clip_grid",
     "speed_error_plot",
     "strict_json",
     "wall_check",
@@ -49,6 +54,7 @@ __all__ = [
 ]
 
 REPORT_FILES = ("bench.json", "bench.md", "samples.png", "speed_vs_error.png")
+"""The files of a digits report; a video report has the animated ``samples.gif`` instead of ``samples.png``."""
 
 _COLUMNS = (
     ("method", lambda r: r.label),
@@ -67,11 +73,24 @@ _COLUMNS = (
 )
 
 
+_TEMPORAL_COLUMN = ("temporal err", lambda r: format_number(r.temporal, 4))
+
+
+def report_files(report: BenchReport) -> tuple[str, ...]:
+    """The names of the files :func:`write_report` writes for ``report`` (its task's grid file)."""
+    grid = get_task(report.settings.task).grid_file
+    return tuple(grid if name == "samples.png" else name for name in REPORT_FILES)
+
+
 def markdown_table(results: Sequence[MethodResult]) -> str:
-    """The bench table in GitHub Markdown."""
-    header = "| " + " | ".join(name for name, _ in _COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in _COLUMNS) + "|"
-    rows = ["| " + " | ".join(fmt(r) for _, fmt in _COLUMNS) + " |" for r in results]
+    """The bench table in GitHub Markdown (with a temporal-error column when the samples are clips)."""
+    columns: tuple[tuple[str, Callable[[MethodResult], str]], ...] = _COLUMNS
+    if any(not math.isnan(r.temporal) for r in results):  # after the Frechet column
+        at = [name for name, _ in _COLUMNS].index("Frechet") + 1
+        columns = (*_COLUMNS[:at], _TEMPORAL_COLUMN, *_COLUMNS[at:])
+    header = "| " + " | ".join(name for name, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    rows = ["| " + " | ".join(fmt(r) for _, fmt in columns) + " |" for r in results]
     return "\n".join([header, rule, *rows])
 
 
@@ -113,11 +132,14 @@ def check_writable(out: Path) -> None:
 def _markdown(report: BenchReport) -> str:
     s = report.settings
     digits, _ = s.samples()
+    task = get_task(s.task)
     lines = [
         "# hicache bench",
         "",
-        f"Machine: {report.machine}. {s.steps} steps, {len(digits)} samples (digits {list(s.digits)}, "
-        f"{s.seeds_per_digit} seeds each from {s.seed}), CFG, {s.repeats} interleaved repeats (wall speedup: "
+        f"Model: {task.describe}.",
+        f"Machine: {report.machine}. {s.steps} steps, {len(digits)} {task.sample_noun} (digits {list(s.digits)}, "
+        f"{s.seeds_per_digit} seeds each from {s.seed}), CFG {task.guidance if s.guidance is None else s.guidance}, "
+        f"{s.repeats} interleaved repeats (wall speedup: "
         "median; wall range: the per-repeat speedups; time spread: slowest / fastest repeat time of the row).",
         f"Shared setting: {dict(s.shared)}. Repeats bit-identical: {report.deterministic}.",
         "",
@@ -125,8 +147,7 @@ def _markdown(report: BenchReport) -> str:
         "",
         wall_check(report.results)[1],
         "",
-        "Errors are against full compute on the same seeds; accuracy is the digit classifier's;",
-        "Frechet distance is on the classifier's 64-d features (small-sample, for ranking only).",
+        *task.notes,
         "",
         "Methods:",
         *[f"- `{r.label}`: {r.tag}" for r in report.results],
@@ -207,6 +228,64 @@ def sample_grid(report: BenchReport, max_columns: int = 40) -> Figure:
     return fig
 
 
+GIF_CELL = 64
+"""Side in pixels of one clip's cell in ``samples.gif`` (frames are scaled up by a whole factor to about this)."""
+GIF_FRAME_MS = 200
+"""How long ``samples.gif`` shows each frame."""
+
+
+def clip_grid_frames(report: BenchReport, max_columns: int = 40) -> list[Image.Image]:
+    """The frames of ``samples.gif``: one row per method, one labelled column per clip (see :func:`grid_columns`).
+
+    Frame ``t`` of the GIF shows frame ``t`` of every clip, so every clip plays in its cell; the
+    method labels are on the left, ``digit/seed`` above each column.
+    """
+    from PIL import Image, ImageDraw
+
+    digits, seeds = report.settings.samples()
+    shown, _, _ = grid_columns(digits, seeds, max_columns)
+    labels = [r.label for r in report.results]
+    first = report.images[labels[0]]
+    frames, side = first.shape[2], first.shape[-1] * max(1, GIF_CELL // first.shape[-1])
+    pad, label_width, header = 2, 8 + 6 * max(len(label) for label in labels), 14
+    width = label_width + len(shown) * (side + pad)
+    height = header + len(labels) * (side + pad)
+    base = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(base)
+    for col, index in enumerate(shown):
+        draw.text((label_width + col * (side + pad), 1), f"{digits[index]}/{seeds[index]}", fill=0)
+    for row, label in enumerate(labels):
+        draw.text((2, header + row * (side + pad) + side // 2 - 5), label, fill=0)
+    pictures = []
+    for t in range(frames):
+        picture = base.copy()
+        for row, label in enumerate(labels):
+            clips = report.images[label]
+            for col, index in enumerate(shown):
+                pixels = (clips[index, 0, t].float().cpu().clamp(0, 1).numpy() * 255).round().astype("uint8")
+                cell = Image.fromarray(pixels, mode="L").resize((side, side), Image.Resampling.NEAREST)
+                picture.paste(cell, (label_width + col * (side + pad), header + row * (side + pad)))
+        pictures.append(picture)
+    return pictures
+
+
+def save_clip_grid(report: BenchReport, path: Path, max_columns: int = 40) -> None:
+    """Write the animated grid of clips (:func:`clip_grid_frames`) as a looping GIF."""
+    first, *rest = clip_grid_frames(report, max_columns)
+    first.save(path, format="GIF", save_all=True, append_images=rest, duration=GIF_FRAME_MS, loop=0)
+
+
+def _save_sample_grid(report: BenchReport, path: Path) -> None:
+    sample_grid(report).savefig(path, dpi=100)
+
+
+_GRID_WRITERS: dict[str, Callable[[BenchReport, Path], None]] = {
+    "samples.png": _save_sample_grid,
+    "samples.gif": lambda report, path: save_clip_grid(report, path),
+}
+"""How each kind of grid file (a task's ``grid_file``) is drawn."""
+
+
 def speed_error_plot(report: BenchReport) -> Figure:
     """Relative L2 error against FLOPs and wall speedups, every point labelled with its method.
 
@@ -266,13 +345,17 @@ def write_report(report: BenchReport, out: Path) -> list[Path]:
     try:
         (staging / "bench.json").write_text(_json(report))
         (staging / "bench.md").write_text(_markdown(report))
-        sample_grid(report).savefig(staging / "samples.png", dpi=100)
+        names = report_files(report)
+        grid = get_task(report.settings.task).grid_file
+        _GRID_WRITERS[grid](report, staging / grid)
         speed_error_plot(report).savefig(staging / "speed_vs_error.png", dpi=110)
         written = []
-        for name in REPORT_FILES:
+        for name in names:
             target = out / name
             os.replace(staging / name, target)
             written.append(target)
+        for stale in set(_GRID_WRITERS) - set(names):  # another task's picture from an earlier run
+            (out / stale).unlink(missing_ok=True)
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)

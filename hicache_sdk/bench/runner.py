@@ -1,4 +1,4 @@
-"""The bench of methods on the embedded digits model: speed and fidelity against full compute."""
+"""The bench of methods on an embedded model (digits or video): speed and fidelity against full compute."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import Any
 
 import attrs
 import torch
+from torch import nn
 
 from ..errors import InvalidParameterError
-from ..models import DEFAULT_GUIDANCE, DigitsModel, load_digit_classifier, load_digits_model, sample
 from ..models.classifier import DigitClassifier
 from .methods import FULL, PAPER_SETTING, MethodSpec
-from .metrics import frechet_distance, psnr, relative_l2, ssim
+from .tasks import Fidelity, fidelity, get_task
 from .wall import WallSpread, wall_spread
 
 __all__ = [
@@ -35,15 +35,26 @@ __all__ = [
 ]
 
 
+def _task_seeds(name: str) -> int:
+    return get_task(name).seeds_per_digit
+
+
 @attrs.frozen(kw_only=True)
 class BenchSettings:
-    """What to run. Samples are ``digits x seeds_per_digit``, seeds ``seed, seed + 1, ...`` per digit."""
+    """What to run. Samples are ``digits x seeds_per_digit``, seeds ``seed, seed + 1, ...`` per digit.
+
+    ``task`` names the embedded model (:data:`~hicache_sdk.bench.tasks.TASKS`: ``digits`` or
+    ``video``); its samples are images or clips.
+    """
 
     methods: tuple[MethodSpec, ...]
+    task: str = "digits"
     shared: Mapping[str, Any] = attrs.field(factory=lambda: dict(PAPER_SETTING))
     steps: int = 50
     digits: tuple[int, ...] = tuple(range(10))
-    seeds_per_digit: int = 2
+    seeds_per_digit: int = attrs.field(
+        default=attrs.Factory(lambda self: _task_seeds(self.task), takes_self=True)
+    )  # the task's default: 2 images, 1 clip per digit
     seed: int = 0
     repeats: int = 3
     guidance: float | None = None
@@ -76,6 +87,7 @@ class MethodResult:
     fallbacks: int
     wall: WallSpread | None = None  # spread of wall_seconds and its flags (see .wall)
     peak_cache_bytes: int = 0  # the most forecast-state bytes on the device at the end of a step
+    temporal: float = math.nan  # video: temporal-consistency error (see .metrics.temporal_error); nan for images
 
 
 @attrs.frozen
@@ -108,6 +120,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def check_settings(settings: BenchSettings) -> None:
     """Fail early, with a clear message, on settings that cannot run."""
+    get_task(settings.task)
     if settings.steps < 1:
         raise InvalidParameterError(f"steps must be >= 1, got {settings.steps}")
     if settings.repeats < 1:
@@ -142,57 +155,32 @@ def _synchronize(device: str) -> None:
         torch.mps.synchronize()
 
 
-@attrs.frozen
-class Fidelity:
-    """Scores of samples against full-compute samples of the same digits and seeds."""
-
-    rel_l2: float
-    psnr: float
-    ssim: float
-    accuracy: float  # share classified as the requested digit
-    frechet: float  # on the classifier's features; 0 for samples identical to the reference, nan for one sample
-
-
-def fidelity(
-    images: torch.Tensor, reference: torch.Tensor, classifier: DigitClassifier, digits: Sequence[int]
-) -> Fidelity:
-    """Relative L2, PSNR, SSIM, class accuracy and Frechet distance of ``images`` against ``reference``."""
-    if torch.equal(images, reference):
-        frechet = 0.0
-    elif len(images) < 2:  # a Gaussian needs two samples
-        frechet = math.nan
-    else:
-        features = classifier.features(images).double().cpu().numpy()
-        frechet = max(0.0, frechet_distance(features, classifier.features(reference).double().cpu().numpy()))
-    return Fidelity(
-        rel_l2=relative_l2(images, reference),
-        psnr=psnr(images, reference),
-        ssim=ssim(images, reference),
-        accuracy=float((classifier.classify(images).cpu() == torch.tensor(list(digits))).double().mean()),
-        frechet=frechet,
-    )
-
-
 def run_bench(
     settings: BenchSettings,
     *,
-    model: DigitsModel | None = None,
+    model: nn.Module | None = None,
     classifier: DigitClassifier | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
-    """Run every method ``repeats`` times, interleaved, and measure it against full compute."""
+    """Run every method ``repeats`` times, interleaved, and measure it against full compute.
+
+    ``model`` and ``classifier`` default to the shipped ones of ``settings.task``; a model of
+    another task is refused (:class:`~hicache_sdk.errors.InvalidParameterError`) before any work.
+    """
     check_settings(settings)
+    task = get_task(settings.task)
     dtype = torch_dtype(settings.dtype)
-    model = model or load_digits_model(device=settings.device, dtype=dtype)
-    classifier = classifier or load_digit_classifier(device=settings.device)
+    model = model or task.load_model(device=settings.device, dtype=dtype)
+    task.check_model(model)
+    classifier = classifier or task.load_classifier(device=settings.device)
     digits, seeds = settings.samples()
     methods = list(settings.methods)
     if not any(m.is_full for m in methods):
         methods.insert(0, MethodSpec(label=FULL, policy=None))
-    guidance = DEFAULT_GUIDANCE if settings.guidance is None else settings.guidance
+    guidance = task.guidance if settings.guidance is None else settings.guidance
 
     def generate(steps: int) -> torch.Tensor:
-        return sample(model, digits, seeds, steps=steps, guidance=guidance, device=settings.device, dtype=dtype)
+        return task.generate(model, digits, seeds, steps=steps, guidance=guidance, device=settings.device, dtype=dtype)
 
     accelerators = {m.label: m.accelerator(settings.shared) for m in methods}
     generate(2)  # warm-up; then measure FLOPs once so no timed run pays for counting
@@ -232,7 +220,7 @@ def run_bench(
         out = images[spec.label]
         summary = summaries.get(spec.label)
         acc = accelerators[spec.label]
-        scores = fidelity(out, reference, classifier, digits)
+        scores = task.score(out, reference, classifier, digits)
         flops_speedup = summary.flops_speedup if summary is not None else 1.0
         wall_speedup = full_time / statistics.median(times[spec.label])
         results.append(
@@ -251,6 +239,7 @@ def run_bench(
                 forecast_steps=summary.forecast_steps if summary is not None else 0,
                 cache_bytes=summary.cache_bytes if summary is not None else 0,
                 peak_cache_bytes=summary.peak_cache_bytes if summary is not None else 0,
+                temporal=scores.temporal,
                 fallbacks=summary.fallbacks if summary is not None else 0,
                 wall=wall_spread(
                     times[spec.label], times[FULL], wall_speedup=wall_speedup, flops_speedup=flops_speedup
