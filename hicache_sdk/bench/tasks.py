@@ -31,6 +31,7 @@ from ..models.video import (
     VideoModel,
     check_clip_shape,
     classifier_frames,
+    clip_frames,
     load_video_model,
     sample_clips,
 )
@@ -76,17 +77,24 @@ def clip_fidelity(
 ) -> Fidelity:
     """The scores of clips ``(n, 1, F, H, W)``: every image score per frame, plus the temporal error.
 
-    PSNR and SSIM are the means over all frames; accuracy is the share of frames the frame
-    classifier reads as the clip's digit; the Frechet distance is between the two sets of frame
-    features; the relative L2 is over the whole clips; ``temporal`` is
+    PSNR and SSIM are the means over all frames, at the model's resolution (SSIM crops the border of
+    its Gaussian window, 5 px, as for the digits); the relative L2 is over the whole clips. Accuracy
+    is the share of frames the frame classifier reads as the clip's digit and the Frechet distance is
+    between the two sets of frame features, both on the frames as the classifier reads them
+    (:func:`~hicache_sdk.models.video.classifier_frames`). ``temporal`` is
     :func:`~hicache_sdk.bench.metrics.temporal_error` (how much the motion, the frame-to-frame
     change, departs from full compute's).
     """
-    frames = clips.shape[2]
-    per_frame = fidelity(
-        classifier_frames(clips), classifier_frames(reference), classifier, [d for d in digits for _ in range(frames)]
+    labels = [d for d in digits for _ in range(clips.shape[2])]
+    read = fidelity(classifier_frames(clips), classifier_frames(reference), classifier, labels)
+    frames, reference_frames = clip_frames(clips), clip_frames(reference)
+    return attrs.evolve(
+        read,
+        rel_l2=relative_l2(clips, reference),
+        psnr=psnr(frames, reference_frames),
+        ssim=ssim(frames, reference_frames),
+        temporal=temporal_error(clips, reference),
     )
-    return attrs.evolve(per_frame, temporal=temporal_error(clips, reference))
 
 
 Generate = Callable[..., torch.Tensor]
