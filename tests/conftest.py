@@ -60,3 +60,17 @@ def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[PluginRegistry]:
     registry = reset_registry()
     yield registry
     reset_registry()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module's tiny batches: fastest, and immune to OpenMP spin-waits on a busy machine.
+
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -68,13 +67,7 @@ FRAMES, SIDE = VideoConfig().frames, VideoConfig().frame_size  # the video model
 SHAPE_ERROR = f"this video model was trained on {FRAMES}-frame clips of {SIDE}x{SIDE} pixels"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny batches: one thread is fastest and immune to OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _clips(seed: int, shape: tuple[int, ...] = (2, 1, 4, 3, 3), dtype: torch.dtype = torch.float64) -> torch.Tensor:
